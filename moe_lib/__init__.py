@@ -1,0 +1,11 @@
+"""moe_lib: DeepSeek-style Mixture-of-Experts, exactly as DeepSeek-V3 does it, readable and tested."""
+
+from .balance import LoadMonitor, update_bias
+from .config import MoEConfig
+from .experts import Expert, RoutedExperts
+from .moe import DeepSeekMoE, RoutingStats
+from .router import Router, Routing, route
+
+__all__ = ["DeepSeekMoE", "Expert", "LoadMonitor", "MoEConfig", "RoutedExperts", "Router",
+           "Routing", "RoutingStats", "route", "update_bias"]
+__version__ = "0.1.0"

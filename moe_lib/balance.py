@@ -1,0 +1,153 @@
+"""Load balancing: the auxiliary-loss-free bias update, auxiliary losses and load metrics.
+
+Loss-free balancing (Wang et al., arXiv 2408.15664, Alg. 1; DeepSeek-V3 Sec. 2.1.2): after each
+optimizer step, with c_i the tokens routed to expert i during that step,
+
+    b_i <- b_i + gamma * sign(mean(c) - c_i)        (underloaded experts get a larger bias)
+
+The bias only enters the top-k selection (see `moe_lib.router`). Loads are counted on the
+PREVIOUS step's batch, so no token's routing depends on tokens that come after it.
+
+Auxiliary losses (all of the form alpha * sum_i f_i P_i):
+    expert-level (DeepSeekMoE Eqs. 12-14, Switch): f_i = E/(K T) * #tokens choosing i, P_i = mean_t s'_{i,t}
+    sequence-wise (DeepSeek-V3 Eqs. 17-20): the same per sequence, averaged over sequences
+    device-level (DeepSeek-V2 Eqs. 31-33): f'_d = mean_{i in d} f_i, P'_d = sum_{i in d} P_i
+where s' are the scores normalised over all experts (a no-op for softmax scores).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .router import Router
+
+
+def loss_free_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, speed: float) -> torch.Tensor:
+    """One loss-free step: b + gamma * sign(mean(c) - c). Returns the new bias (float32)."""
+    load_E = load_E.float()
+    return bias_E + speed * torch.sign(load_E.mean() - load_E)
+
+
+@torch.no_grad()
+def update_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Apply the loss-free update to every router in `model` and reset the accumulated loads.
+
+    Call once per optimizer step, after gradient accumulation. Under data or expert parallelism
+    the loads are all-reduced over `group` first, so every rank applies the same update.
+    Returns the number of routers updated.
+    """
+    routers = [m for m in model.modules() if isinstance(m, Router) and m.cfg.bias_update != "none"]
+    for router in routers:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(router.tokens_per_expert, group=group)
+        apply_bias_update(router)
+    return len(routers)
+
+
+@torch.no_grad()
+def apply_bias_update(router: Router) -> None:
+    """Update one router's bias from its accumulated loads (no communication), then reset them."""
+    router.correction_bias.copy_(loss_free_bias_update(
+        router.correction_bias, router.tokens_per_expert, router.cfg.bias_update_speed))
+    router.tokens_per_expert.zero_()
+
+
+def expert_fraction(indices_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """f_i = E / (K T) * (number of tokens that selected expert i): 1 for a perfectly even load."""
+    n_tokens, top_k = indices_TK.shape
+    counts_E = torch.bincount(indices_TK[indices_TK >= 0], minlength=n_experts)
+    return counts_E.float() * n_experts / (top_k * n_tokens)
+
+
+def mean_probability(scores_TE: torch.Tensor) -> torch.Tensor:
+    """P_i = (1/T) sum_t s'_{i,t}, with s' the scores normalised over all experts."""
+    return (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).mean(dim=0)
+
+
+def expert_aux_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Expert-level balance loss alpha * sum_i f_i P_i over all T tokens."""
+    f_E = expert_fraction(indices_TK, scores_TE.shape[1])
+    return alpha * (f_E * mean_probability(scores_TE)).sum()
+
+
+def sequence_aux_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor,
+                      alpha: float) -> torch.Tensor:
+    """Sequence-wise balance loss (V3): the expert-level loss per sequence, averaged over B."""
+    losses = [expert_aux_loss(s_SE, i_SK, alpha) for s_SE, i_SK in zip(scores_BSE, indices_BSK, strict=False)]
+    return torch.stack(losses).mean()
+
+
+def device_aux_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, n_devices: int,
+                    alpha: float) -> torch.Tensor:
+    """Device-level balance loss (V2): experts split evenly into `n_devices` contiguous groups."""
+    n_experts = scores_TE.shape[1]
+    f_D = expert_fraction(indices_TK, n_experts).view(n_devices, -1).mean(dim=-1)
+    p_D = mean_probability(scores_TE).view(n_devices, -1).sum(dim=-1)
+    return alpha * (f_D * p_D).sum()
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """DeepSeekMoE's trick: return x unchanged, and in backward give the loss a gradient of 1.
+
+    `y = AddAuxiliaryLoss.apply(x, loss)` makes `y.sum().backward()` equal to
+    `(x.sum() + loss).backward()` without changing any value of the forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_dtype, ctx.loss_shape = loss.dtype, loss.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype,
+                                       device=grad_output.device)
+
+
+def load_cv(load_E: torch.Tensor) -> float:
+    """Coefficient of variation of the expert loads: std / mean (0 = perfectly balanced)."""
+    load_E = load_E.float()
+    return (load_E.std(unbiased=False) / load_E.mean()).item()
+
+
+def max_vio(load_E: torch.Tensor) -> float:
+    """MaxVio = (max_i load_i - mean load) / mean load (Loss-Free Balancing, Sec. 4.1)."""
+    load_E = load_E.float()
+    return ((load_E.max() - load_E.mean()) / load_E.mean()).item()
+
+
+def collapse_fraction(load_E: torch.Tensor, threshold: float = 0.1) -> float:
+    """Share of experts receiving less than `threshold` x the mean load (routing collapse)."""
+    load_E = load_E.float()
+    return (load_E < threshold * load_E.mean()).float().mean().item()
+
+
+class LoadMonitor:
+    """Accumulates expert loads over many batches for MaxVio_batch and MaxVio_global.
+
+    `update(load_E)` once per batch; `max_vio_batch` is the mean of the per-batch MaxVio,
+    `max_vio_global` the MaxVio of the loads summed over every batch seen.
+    """
+
+    def __init__(self, n_experts: int):
+        self.total_E = torch.zeros(n_experts, dtype=torch.float64)
+        self.batch_vios: list[float] = []
+
+    def update(self, load_E: torch.Tensor) -> None:
+        load_E = load_E.detach().double().cpu()
+        self.total_E += load_E
+        self.batch_vios.append(max_vio(load_E))
+
+    @property
+    def max_vio_batch(self) -> float:
+        return sum(self.batch_vios) / max(len(self.batch_vios), 1)
+
+    @property
+    def max_vio_global(self) -> float:
+        return max_vio(self.total_E)
+
+    @property
+    def cv_global(self) -> float:
+        return load_cv(self.total_E)

@@ -1,0 +1,122 @@
+"""Token dispatch: send each (token, expert) pair to its expert and combine the weighted outputs.
+
+    y_t = sum_k w_{t,k} * Expert_{idx_{t,k}}(x_t)
+
+Three interchangeable paths compute exactly this sum:
+
+- `dispatch_loop`: the readable reference, one boolean mask per expert.
+- `dispatch_sorted`: sort the T*K pairs by expert so that each expert reads one contiguous slice,
+  then combine with one scatter-add.
+- `dispatch_grouped`: the same sorted layout fed to one grouped GEMM per projection
+  (`torch.nn.functional.grouped_mm`, or `torch._grouped_mm` on older releases).
+
+Every path takes `(x_TH, indices_TK, weights_TK, experts)`; an index of -1 marks a pair dropped by
+the expert capacity (`apply_capacity`) and contributes nothing. Expert parallelism and the GPU
+path plug in here as further functions of the same signature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .experts import RoutedExperts
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+HAS_GROUPED_MM = _GROUPED_MM is not None
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """Tokens an expert may keep: ceil(capacity_factor * T * K / E)."""
+    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+
+
+def apply_capacity(indices_TK: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """Drop the pairs beyond each expert's capacity (earlier tokens first): their index becomes -1.
+
+    Within a token, slot k is served before slot k+1 (the higher-affinity choice first).
+    """
+    flat_N = indices_TK.t().reshape(-1)  # slot-major: all first choices before second choices
+    one_hot_NE = F.one_hot(flat_N, n_experts)
+    position_N = ((one_hot_NE.cumsum(dim=0) - 1) * one_hot_NE).sum(dim=-1)
+    kept_N = torch.where(position_N < capacity, flat_N, torch.full_like(flat_N, -1))
+    return kept_N.view(indices_TK.shape[1], -1).t().contiguous()
+
+
+def dispatch_loop(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                  experts: RoutedExperts) -> torch.Tensor:
+    """Reference: for each expert, gather its tokens, run it, add the weighted output back."""
+    y_TH = torch.zeros_like(x_TH)
+    for e in range(experts.n_experts):
+        token_N, slot_N = torch.where(indices_TK == e)
+        if token_N.numel() == 0:
+            continue
+        out_NH = experts.expert_forward(e, x_TH[token_N])
+        y_TH = y_TH.index_add(0, token_N, out_NH * weights_TK[token_N, slot_N, None])
+    return y_TH
+
+
+class SortedPairs(NamedTuple):
+    """The T*K (token, expert) pairs sorted by expert; dropped pairs removed.
+
+    token_N: source token of each pair; weight_N: its combine weight;
+    counts_E: pairs per expert (the length of each contiguous slice).
+    """
+
+    token_N: torch.Tensor
+    weight_N: torch.Tensor
+    counts_E: torch.Tensor
+
+
+def sort_by_expert(indices_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts: int) -> SortedPairs:
+    """Argsort the flattened pairs by expert id (stable), skipping dropped (-1) pairs."""
+    flat_N = indices_TK.reshape(-1)
+    order_N = torch.argsort(flat_N, stable=True)
+    counts_E = torch.bincount(flat_N + 1, minlength=n_experts + 1)
+    order_N = order_N[counts_E[0]:]  # -1 sorts first: skip the dropped pairs
+    return SortedPairs(order_N // indices_TK.shape[1], weights_TK.reshape(-1)[order_N],
+                       counts_E[1:])
+
+
+def _combine(x_TH: torch.Tensor, pairs: SortedPairs, out_NH: torch.Tensor) -> torch.Tensor:
+    weighted_NH = out_NH * pairs.weight_N.unsqueeze(-1).to(out_NH.dtype)
+    return torch.zeros_like(x_TH).index_add(0, pairs.token_N, weighted_NH)
+
+
+def dispatch_sorted(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                    experts: RoutedExperts) -> torch.Tensor:
+    """Sorted: one gather, one contiguous slice per expert, one scatter-add."""
+    pairs = sort_by_expert(indices_TK, weights_TK, experts.n_experts)
+    x_NH = x_TH[pairs.token_N]
+    chunks = x_NH.split(pairs.counts_E.tolist())
+    out_NH = torch.cat([experts.expert_forward(e, chunk) for e, chunk in enumerate(chunks)])
+    return _combine(x_TH, pairs, out_NH)
+
+
+def grouped_swiglu(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
+    """All experts' SwiGLU on expert-sorted rows with two grouped GEMMs: [N, H] -> [N, H]."""
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    gate_up_NF = _GROUPED_MM(x_NH, experts.gate_up_proj.transpose(-2, -1), offs=offsets_E)
+    gate_NI, up_NI = gate_up_NF.chunk(2, dim=-1)
+    return _GROUPED_MM(F.silu(gate_NI) * up_NI, experts.down_proj.transpose(-2, -1), offs=offsets_E)
+
+
+def dispatch_grouped(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                     experts: RoutedExperts) -> torch.Tensor:
+    """Grouped GEMM: the sorted layout, all experts in one kernel per projection."""
+    if not HAS_GROUPED_MM:
+        return dispatch_sorted(x_TH, indices_TK, weights_TK, experts)
+    pairs = sort_by_expert(indices_TK, weights_TK, experts.n_experts)
+    out_NH = grouped_swiglu(x_TH[pairs.token_N], pairs.counts_E, experts)
+    return _combine(x_TH, pairs, out_NH)
+
+
+DISPATCH: dict[str, Callable[..., torch.Tensor]] = {
+    "loop": dispatch_loop,
+    "sorted": dispatch_sorted,
+    "grouped": dispatch_grouped,
+}

@@ -1,0 +1,125 @@
+"""The router (gate): which K experts each token visits, and with what weight.
+
+DeepSeek-V3 (arXiv 2412.19437, Sec. 2.1.2, Eqs. 12-16 and 16 for the bias):
+
+    s_{i,t} = sigmoid(u_t^T e_i)                                  (Eq. 15)
+    g'_{i,t} = s_{i,t} if s_{i,t} + b_i in TopK({s_{j,t} + b_j}, K) else 0    (Eq. 16)
+    g_{i,t} = g'_{i,t} / sum_j g'_{j,t}                            (Eq. 14)
+
+The bias b only changes WHICH experts are selected; the weights come from the unbiased scores.
+DeepSeekMoE and DeepSeek-V2 use softmax scores instead and V2 does not renormalise.
+
+The math lives in pure functions so that expert parallelism and node-limited routing can reuse
+it; `Router` only holds the gate weight, the correction bias and the accumulated expert loads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+class Routing(NamedTuple):
+    """The routing decision for T tokens.
+
+    indices: [T, K] int64 expert ids (-1 marks a pair dropped by capacity).
+    weights: [T, K] float32 combine weights (already normalised and scaled).
+    scores:  [T, E] float32 unbiased affinity scores s (keeps the graph, for auxiliary losses).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    scores: torch.Tensor
+
+
+def router_scores(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Affinity scores s from router logits: sigmoid (V3) or softmax over experts (V2)."""
+    if score_func == "sigmoid":
+        return logits_TE.sigmoid()
+    if score_func == "softmax":
+        return logits_TE.softmax(dim=-1)
+    raise ValueError(f"score_func={score_func!r} is invalid: expected 'softmax' or 'sigmoid'.")
+
+
+def group_scores(choice_TE: torch.Tensor, n_groups: int, group_score: str) -> torch.Tensor:
+    """Score of each expert group, [T, G]: sum of its top-2 (V3) or its maximum (V2)."""
+    grouped_TGe = choice_TE.view(choice_TE.shape[0], n_groups, -1)
+    if group_score == "top2_sum":
+        return grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+    if group_score == "max":
+        return grouped_TGe.amax(dim=-1)
+    raise ValueError(f"group_score={group_score!r} is invalid: expected 'top2_sum' or 'max'.")
+
+
+def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: int,
+                   n_groups: int = 1, topk_groups: int = 1,
+                   group_score: str = "top2_sum") -> torch.Tensor:
+    """Indices [T, K] of the chosen experts: top-k of s + b inside the best `topk_groups` groups.
+
+    Experts outside the kept groups are masked with -inf, not 0: s + b can be negative.
+    """
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    if topk_groups < n_groups:
+        keep_TG = group_scores(choice_TE, n_groups, group_score).topk(topk_groups, dim=-1).indices
+        mask_TG = torch.ones(choice_TE.shape[0], n_groups, dtype=torch.bool,
+                             device=choice_TE.device).scatter_(1, keep_TG, False)
+        choice_TE = choice_TE.masked_fill(mask_TG.repeat_interleave(
+            choice_TE.shape[1] // n_groups, dim=1), float("-inf"))
+    return choice_TE.topk(top_k, dim=-1).indices
+
+
+def combine_weights(scores_TE: torch.Tensor, indices_TK: torch.Tensor, norm_topk_prob: bool,
+                    route_scale: float) -> torch.Tensor:
+    """Weights [T, K] gathered from the UNBIASED scores, optionally renormalised, then scaled."""
+    weights_TK = scores_TE.gather(1, indices_TK)
+    if norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_TK * route_scale
+
+
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) -> Routing:
+    """The full routing of `cfg` from router logits; computed in float32."""
+    scores_TE = router_scores(logits_TE.float(), cfg.score_func)
+    if not torch.isfinite(scores_TE).all():
+        raise FloatingPointError("router scores contain NaN or inf: check the input and the gate "
+                                 "weight for NaN/inf values or overflow")
+    with torch.no_grad():
+        indices_TK = select_experts(scores_TE, bias_E, cfg.top_k, cfg.n_groups, cfg.topk_groups,
+                                    cfg.resolved_group_score)
+    weights_TK = combine_weights(scores_TE, indices_TK, cfg.norm_topk_prob, cfg.route_scale)
+    return Routing(indices_TK, weights_TK, scores_TE)
+
+
+class Router(nn.Module):
+    """The gate: weight [E, H] (the expert centroids e_i), correction bias b [E] and loads.
+
+    Buffers (fp32, saved in `state_dict`, never seen by the optimizer or autograd):
+        correction_bias: b, updated by `moe_lib.balance.update_bias`.
+        tokens_per_expert: tokens routed to each expert since the last bias update (c_i).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed, cfg.d_model))
+        self.register_buffer("correction_bias", torch.zeros(cfg.n_routed, dtype=torch.float32))
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x_TH: torch.Tensor) -> Routing:
+        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        return route(logits_TE, self.correction_bias, self.cfg)
+
+    @torch.no_grad()
+    def accumulate_load(self, indices_TK: torch.Tensor) -> None:
+        """Add this micro-batch's routed-token counts to `tokens_per_expert`."""
+        valid = indices_TK[indices_TK >= 0]
+        self.tokens_per_expert += torch.bincount(valid, minlength=self.cfg.n_routed).float()
+
+    def extra_repr(self) -> str:
+        return f"n_routed={self.cfg.n_routed}, d_model={self.cfg.d_model}, top_k={self.cfg.top_k}"
