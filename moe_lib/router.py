@@ -28,8 +28,8 @@ class Routing(NamedTuple):
     """The routing decision for T tokens.
 
     indices: [T, K] int64 expert ids (-1 marks a pair dropped by capacity).
-    weights: [T, K] float32 combine weights (already normalised and scaled).
-    scores:  [T, E] float32 unbiased affinity scores s (keeps the graph, for auxiliary losses).
+    weights: [T, K] float32 (float64 for float64 inputs) combine weights, normalised and scaled.
+    scores:  [T, E] unbiased affinity scores s, same dtype (keeps the graph, for auxiliary losses).
     """
 
     indices: torch.Tensor
@@ -83,8 +83,9 @@ def combine_weights(scores_TE: torch.Tensor, indices_TK: torch.Tensor, norm_topk
 
 
 def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) -> Routing:
-    """The full routing of `cfg` from router logits; computed in float32."""
-    scores_TE = router_scores(logits_TE.float(), cfg.score_func)
+    """The full routing of `cfg` from router logits; computed in float32 (float64 stays float64)."""
+    scores_TE = router_scores(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)),
+                              cfg.score_func)
     if not torch.isfinite(scores_TE).all():
         raise FloatingPointError("router scores contain NaN or inf: check the input and the gate "
                                  "weight for NaN/inf values or overflow")
@@ -112,7 +113,8 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
-        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        dtype = torch.promote_types(x_TH.dtype, torch.float32)  # fp32 at least, as in HF / V3
+        logits_TE = F.linear(x_TH.to(dtype), self.weight.to(dtype))
         return route(logits_TE, self.correction_bias, self.cfg)
 
     @torch.no_grad()
