@@ -28,6 +28,7 @@ from .experts import RoutedExperts
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 HAS_GROUPED_MM = _GROUPED_MM is not None
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -107,8 +108,11 @@ def grouped_swiglu(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: RoutedEx
 
 def dispatch_grouped(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                      experts: RoutedExperts) -> torch.Tensor:
-    """Grouped GEMM: the sorted layout, all experts in one kernel per projection."""
-    if not HAS_GROUPED_MM:
+    """Grouped GEMM: the sorted layout, all experts in one kernel per projection.
+
+    Falls back to `dispatch_sorted` where grouped_mm is missing or does not take the dtype (float64).
+    """
+    if not HAS_GROUPED_MM or x_TH.dtype not in GROUPED_MM_DTYPES:
         return dispatch_sorted(x_TH, indices_TK, weights_TK, experts)
     pairs = sort_by_expert(indices_TK, weights_TK, experts.n_experts)
     out_NH = grouped_swiglu(x_TH[pairs.token_N], pairs.counts_E, experts)
