@@ -75,7 +75,7 @@ def expert_aux_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, alpha: fl
 def sequence_aux_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor,
                       alpha: float) -> torch.Tensor:
     """Sequence-wise balance loss (V3): the expert-level loss per sequence, averaged over B."""
-    losses = [expert_aux_loss(s_SE, i_SK, alpha) for s_SE, i_SK in zip(scores_BSE, indices_BSK, strict=False)]
+    losses = [expert_aux_loss(s_SE, i_SK, alpha) for s_SE, i_SK in zip(scores_BSE, indices_BSK, strict=True)]
     return torch.stack(losses).mean()
 
 
