@@ -84,11 +84,11 @@ def combine_weights(scores_TE: torch.Tensor, indices_TK: torch.Tensor, norm_topk
 
 def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) -> Routing:
     """The full routing of `cfg` from router logits; computed in float32 (float64 stays float64)."""
+    if not torch.isfinite(logits_TE).all():  # sigmoid would hide an inf input behind scores of 0 or 1
+        raise FloatingPointError("router logits contain NaN or inf: check the input and the gate "
+                                 "weight for NaN/inf values or overflow")
     scores_TE = router_scores(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)),
                               cfg.score_func)
-    if not torch.isfinite(scores_TE).all():
-        raise FloatingPointError("router scores contain NaN or inf: check the input and the gate "
-                                 "weight for NaN/inf values or overflow")
     with torch.no_grad():
         indices_TK = select_experts(scores_TE, bias_E, cfg.top_k, cfg.n_groups, cfg.topk_groups,
                                     cfg.resolved_group_score)
@@ -116,6 +116,13 @@ class Router(nn.Module):
         dtype = torch.promote_types(x_TH.dtype, torch.float32)  # fp32 at least, as in HF / V3
         logits_TE = F.linear(x_TH.to(dtype), self.weight.to(dtype))
         return route(logits_TE, self.correction_bias, self.cfg)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()`, `.double()` move the buffers but keep them float32 (exact load counts)."""
+        super()._apply(fn, recurse)
+        self.correction_bias = self.correction_bias.float()
+        self.tokens_per_expert = self.tokens_per_expert.float()
+        return self
 
     @torch.no_grad()
     def accumulate_load(self, indices_TK: torch.Tensor) -> None:
