@@ -78,7 +78,8 @@ def gating_figure(temperature: float = 1.0, k: int = 2, score_func: str = "softm
                             f"scale {route_scale:g}",
                       height=140 * n_tokens + 120, barmode="overlay",
                       margin={"l": 50, "r": 20, "t": 80, "b": 40},
-                      legend={"orientation": "h", "y": -0.08})
+                      legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02,
+                              "yanchor": "bottom"})
     return fig
 
 
