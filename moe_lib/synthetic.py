@@ -3,6 +3,10 @@
 A skewed router prefers some experts for every token: logits = noise + skew * preference_E with
 preference falling linearly from +1 (expert 0) to -1 (expert E-1). With skew = 0 the load is even
 up to noise; with skew around 2 a plain top-k router starves half of the experts.
+
+Training demos: `train_toy_moe` trains one `DeepSeekMoE` layer on a small regression teacher
+(`ToyTask`) and records the expert loads, to show routing collapse and its cures.
+`future_dependence` shows why the loss-free bias is computed from the previous batch's load.
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .balance import load_cv, loss_free_bias_update, max_vio
+from .balance import load_cv, loss_free_bias_update, max_vio, update_bias
+from .config import MoEConfig
+from .moe import DeepSeekMoE
 from .router import router_scores, select_experts
 
 
@@ -61,3 +68,105 @@ def simulate_loss_free(n_experts: int = 64, top_k: int = 6, skew: float = 2.0, g
     return BiasDynamics(torch.stack(history["bias"]), torch.stack(history["load"]),
                         torch.tensor(history["max_vio"]), torch.tensor(history["cv"]))
 
+
+
+@dataclass
+class ToyTask:
+    """A regression teacher for training demos: y = scale * tanh(x W1) W2, with x ~ N(0, I).
+
+    Every token needs the same smooth function, so any expert could learn it: an uneven load is the
+    router's choice, not the task's.
+    """
+
+    w1: torch.Tensor  # [H, H]
+    w2: torch.Tensor  # [H, H]
+    scale: float = 3.0
+
+    @classmethod
+    def random(cls, d_model: int, seed: int = 0) -> ToyTask:
+        generator = torch.Generator().manual_seed(seed)
+        return cls(torch.randn(d_model, d_model, generator=generator) / d_model**0.5,
+                   torch.randn(d_model, d_model, generator=generator) / d_model**0.5)
+
+    def batch(self, n_tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs [T, H] and targets [T, H]."""
+        x_TH = torch.randn(n_tokens, self.w1.shape[0], generator=generator)
+        return x_TH, self.scale * torch.tanh(x_TH @ self.w1) @ self.w2
+
+
+@dataclass
+class ToyRun:
+    """Per-step history of `train_toy_moe`: load [S, E], task_loss [S], aux_loss [S] and
+    gate_cosine [S], the cosine between the task and auxiliary gradients on the gate weight
+    (NaN when the layer has no auxiliary loss)."""
+
+    load: torch.Tensor
+    task_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    gate_cosine: torch.Tensor
+
+
+def train_toy_moe(cfg: MoEConfig, steps: int = 300, n_tokens: int = 512, lr: float = 1e-2,
+                  seed: int = 0) -> ToyRun:
+    """Train one `DeepSeekMoE` layer with Adam on a `ToyTask` (MSE), a fresh batch every step.
+
+    The auxiliary loss (if `cfg.aux_loss` is not "none") is added to the task loss explicitly
+    (`aux_loss_inject=False`) so that the two gradients on the gate can be measured apart; the
+    total gradient is the same as with injection. Deterministic for a fixed seed and thread count.
+    """
+    torch.manual_seed(seed)
+    layer = DeepSeekMoE(cfg.replace(aux_loss_inject=False))
+    task = ToyTask.random(cfg.d_model, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    history = {"load": [], "task_loss": [], "aux_loss": [], "gate_cosine": []}
+    for _ in range(steps):
+        x_TH, y_TH = task.batch(n_tokens, generator)
+        task_loss = (layer(x_TH) - y_TH).pow(2).mean()
+        aux_loss = layer.aux_loss
+        cosine = float("nan")
+        if aux_loss.requires_grad:
+            (g_task,) = torch.autograd.grad(task_loss, layer.gate.weight, retain_graph=True)
+            (g_aux,) = torch.autograd.grad(aux_loss, layer.gate.weight, retain_graph=True)
+            cosine = F.cosine_similarity(g_task.flatten(), g_aux.flatten(), dim=0).item()
+        optimizer.zero_grad()
+        (task_loss + aux_loss).backward()
+        optimizer.step()
+        update_bias(layer)
+        history["load"].append(layer.last_routing.load.float())
+        history["task_loss"].append(task_loss.item())
+        history["aux_loss"].append(aux_loss.item())
+        history["gate_cosine"].append(cosine)
+    return ToyRun(torch.stack(history["load"]), torch.tensor(history["task_loss"]),
+                  torch.tensor(history["aux_loss"]), torch.tensor(history["gate_cosine"]))
+
+
+def future_dependence(source: str, n_tokens: int = 512, n_experts: int = 16, top_k: int = 2,
+                      skew: float = 2.0, gamma: float = 0.01, iters: int = 20,
+                      seed: int = 0) -> torch.Tensor:
+    """Which tokens of the FIRST half change experts when only the SECOND half is redrawn. [T/2] bool.
+
+    The bias comes either from a previous, independent batch (`source="previous"`: `iters` loss-free
+    steps on earlier batches) or from the current sequence itself (`source="current"`: `iters`
+    steps on this sequence's own load, so the bias of token 0 depends on the tokens after it).
+    """
+    if source not in ("previous", "current"):
+        raise ValueError(f"source={source!r} is invalid: expected 'previous' or 'current'")
+    generator = torch.Generator().manual_seed(seed)
+    earlier_TE = skewed_logits(n_tokens, n_experts, skew, generator).sigmoid()
+    scores_TE = skewed_logits(n_tokens, n_experts, skew, generator).sigmoid()
+    redrawn_TE = scores_TE.clone()
+    redrawn_TE[n_tokens // 2:] = skewed_logits(n_tokens - n_tokens // 2, n_experts, skew,
+                                               generator).sigmoid()
+
+    def first_half_choice(batch_TE: torch.Tensor) -> torch.Tensor:
+        bias_E = torch.zeros(n_experts)
+        balanced_on = earlier_TE if source == "previous" else batch_TE
+        for _ in range(iters):
+            load_E = torch.bincount(select_experts(balanced_on, bias_E, top_k).reshape(-1),
+                                    minlength=n_experts)
+            bias_E = loss_free_bias_update(bias_E, load_E, gamma)
+        chosen_TK = select_experts(batch_TE[: n_tokens // 2], bias_E, top_k)
+        return chosen_TK.sort(dim=-1).values
+
+    return (first_half_choice(scores_TE) != first_half_choice(redrawn_TE)).any(dim=-1)
