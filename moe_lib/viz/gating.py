@@ -58,7 +58,7 @@ def gating_figure(temperature: float = 1.0, k: int = 2, score_func: str = "softm
                                              norm_topk_prob, route_scale)
     n_tokens, n_experts = scores_TE.shape
     experts = [f"e{i}" for i in range(n_experts)]
-    fig = make_subplots(rows=n_tokens, cols=1, shared_xaxes=True, vertical_spacing=0.04,
+    fig = make_subplots(rows=n_tokens, cols=1, shared_xaxes=True, vertical_spacing=0.09,
                         subplot_titles=[f"token {t}" for t in range(n_tokens)])
     for t in range(n_tokens):
         chosen = set(indices_TK[t].tolist())
@@ -74,7 +74,7 @@ def gating_figure(temperature: float = 1.0, k: int = 2, score_func: str = "softm
                                  name="weight g", legendgroup="g", showlegend=t == 0),
                       row=t + 1, col=1)
     norm = "normalised" if norm_topk_prob else "not normalised"
-    fig.update_layout(title=f"{score_func} scores, T = {temperature:g}, top-{k}, {norm}, "
+    fig.update_layout(title=f"{score_func} scores, temperature {temperature:g}, top-{k}, {norm}, "
                             f"scale {route_scale:g}",
                       height=140 * n_tokens + 120, barmode="overlay",
                       margin={"l": 50, "r": 20, "t": 80, "b": 40},

@@ -61,7 +61,8 @@ def combinations_figure(ms: Sequence[int], n_experts: int = 16, top_k: int = 2) 
 
 
 def segmentation_figure(m: int = 4, n_shared: int = 1, **base) -> go.Figure:
-    """Left: the m*N experts of one layer (shared / routed); right: parameters, FLOPs, combinations.
+    """Top: the m*N experts of one layer (shared / active routed / idle routed); bottom: parameters,
+    FLOPs per token and the number of routed combinations.
 
     `n_shared` is clipped to m*K - 1 (at least one routed expert stays active). Always 4 traces.
     """
@@ -72,28 +73,29 @@ def segmentation_figure(m: int = 4, n_shared: int = 1, **base) -> go.Figure:
     n_cells = m * base["n_experts"]
     kind = [2] * cfg.n_shared + [1] * cfg.top_k + [0] * (cfg.n_routed - cfg.top_k)
     cols = base["n_experts"] * max(1, m // 4)  # at most 4 rows of cells
-    grid = [kind[i:i + cols] + [None] * max(0, i + cols - n_cells) for i in range(0, n_cells, cols)]
-    fig = make_subplots(rows=1, cols=3, column_widths=[0.5, 0.3, 0.2], horizontal_spacing=0.08,
-                        subplot_titles=[f"{n_cells} experts of width {cfg.d_expert}",
-                                        "parameters (millions)", "log10 combinations"])
+    grid = [kind[i:i + cols] for i in range(0, n_cells, cols)]
+    fig = make_subplots(rows=2, cols=2, specs=[[{"colspan": 2}, None], [{}, {}]],
+                        row_heights=[0.5, 0.5], vertical_spacing=0.14, horizontal_spacing=0.12,
+                        subplot_titles=[f"{n_cells} experts of width {cfg.d_expert} "
+                                        "(green: shared, red: active, blue: idle)",
+                                        "millions", f"{row['combinations']:.3g} combinations"])
     fig.add_trace(go.Heatmap(z=grid, zmin=0, zmax=2, showscale=False, xgap=1, ygap=1,
                              colorscale=[[0, ROUTED_OFF], [0.5, ROUTED_ON], [1, SHARED]],
-                             hovertemplate="%{z}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=["total", "active"],
+                             hoverinfo="skip"), row=1, col=1)
+    fig.add_trace(go.Bar(x=["total params", "active params"],
                          y=[round(row["total"] / 1e6, 2), round(row["active"] / 1e6, 2)],
-                         marker_color=["#7f7f7f", ROUTED_ON], name="parameters"), row=1, col=2)
-    fig.add_trace(go.Bar(x=["MFLOP/token"], y=[round(row["flops"] / 1e6, 2)],
-                         marker_color="#9467bd", name="FLOPs"), row=1, col=2)
-    fig.add_trace(go.Bar(x=["C"], y=[round(math.log10(row["combinations"]), 3)],
-                         marker_color="#ff7f0e", name="combinations"), row=1, col=3)
+                         marker_color=["#7f7f7f", ROUTED_ON], name="parameters"), row=2, col=1)
+    fig.add_trace(go.Bar(x=["FLOP/token"], y=[round(row["flops"] / 1e6, 2)],
+                         marker_color="#9467bd", name="FLOPs"), row=2, col=1)
+    fig.add_trace(go.Bar(x=["log10 C"], y=[round(math.log10(row["combinations"]), 3)],
+                         marker_color="#ff7f0e", name="combinations"), row=2, col=2)
     fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=1)
     fig.update_xaxes(showticklabels=False, row=1, col=1)
-    fig.update_yaxes(range=[0, 1.15 * row["total"] / 1e6], row=1, col=2)
-    fig.update_yaxes(range=[0, 60], row=1, col=3)
-    fig.update_layout(title=f"m = {m}, K_s = {n_shared}: {cfg.n_shared} shared (green) + "
-                            f"{cfg.top_k} of {cfg.n_routed} routed (red) active, "
-                            f"{row['combinations']:.3g} combinations",
-                      showlegend=False, height=420, margin={"t": 90})
+    fig.update_yaxes(range=[0, 1.1 * row["total"] / 1e6], row=2, col=1)
+    fig.update_yaxes(range=[0, 45], row=2, col=2)
+    fig.update_layout(title=f"m = {m}, K_s = {n_shared}: {cfg.n_shared} shared + {cfg.top_k} of "
+                            f"{cfg.n_routed} routed experts active",
+                      showlegend=False, height=560, margin={"t": 80, "l": 50, "r": 20})
     return fig
 
 
