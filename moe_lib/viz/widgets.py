@@ -45,18 +45,18 @@ def static_slider(make_figure: Callable[..., go.Figure], name: str, values: Sequ
 def live(make_figure: Callable[..., go.Figure], **controls):
     """An ipywidgets panel that redraws `make_figure(**values)` whenever a control changes.
 
-    `controls` maps parameter names of `make_figure` to ipywidgets controls. Uses `Output` +
-    `fig.show()`, which works in JupyterLab and Colab (no FigureWidget). Return value: the panel
-    (leave it as the cell's last expression to display it).
+    `controls` maps parameter names of `make_figure` to ipywidgets controls. The figure goes into
+    an `Output` widget (no FigureWidget, which is unreliable in Colab), appended as display data
+    rather than captured output, so executing a notebook stores only the widget placeholder.
+    Return value: the panel (leave it as the cell's last expression to display it).
     """
     import ipywidgets as widgets
 
     output = widgets.Output()
 
     def redraw(_change=None) -> None:
-        with output:
-            output.clear_output(wait=True)
-            make_figure(**{k: w.value for k, w in controls.items()}).show()
+        output.outputs = ()
+        output.append_display_data(make_figure(**{k: w.value for k, w in controls.items()}))
 
     for control in controls.values():
         control.observe(redraw, names="value")
