@@ -98,19 +98,21 @@ def dynamics_figure(dyn: BiasDynamics, title: str | None = None, window: int = 2
     share_SE = load_share(dyn.load)
     experts = list(range(dyn.load.shape[1]))
     fig = make_subplots(rows=1, cols=3, column_widths=[0.4, 0.3, 0.3],
-                        subplot_titles=["MaxVio per batch", "load / fair share", "final bias b_i"])
-    fig.add_trace(go.Scatter(y=_r(dyn.max_vio), mode="lines", name="MaxVio"), row=1, col=1)
+                        subplot_titles=["MaxVio per batch", "load / fair share: step 0 (gray),<br>"
+                                        f"last {window} steps (blue)", "final bias b_i"])
+    fig.add_trace(go.Scatter(y=_r(dyn.max_vio), mode="lines", name="MaxVio", showlegend=False),
+                  row=1, col=1)
     fig.add_trace(go.Bar(x=experts, y=_r(share_SE[0]), name="step 0 (no bias)",
                          marker_color="lightgray"), row=1, col=2)
     fig.add_trace(go.Bar(x=experts, y=_r(share_SE[-window:].mean(dim=0)),
                          name=f"last {window} steps", marker_color="#636efa"), row=1, col=2)
-    fig.add_trace(go.Bar(x=experts, y=_r(dyn.bias[-1], 4), name="bias", marker_color="#ef553b"),
-                  row=1, col=3)
+    fig.add_trace(go.Bar(x=experts, y=_r(dyn.bias[-1], 4), name="bias", marker_color="#ef553b",
+                         showlegend=False), row=1, col=3)
     fig.update_xaxes(title_text="step", row=1, col=1)
     fig.update_xaxes(title_text="expert", row=1, col=2)
     fig.update_xaxes(title_text="expert", row=1, col=3)
-    fig.update_layout(title=title, barmode="overlay", height=360, margin={"t": 70, "b": 40},
-                      legend={"orientation": "h", "y": -0.25})
+    fig.update_layout(title=title, barmode="overlay", height=380, margin={"t": 100, "b": 40},
+                      showlegend=False)
     return fig
 
 
