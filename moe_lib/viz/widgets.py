@@ -46,8 +46,9 @@ def live(make_figure: Callable[..., go.Figure], **controls):
     """An ipywidgets panel that redraws `make_figure(**values)` whenever a control changes.
 
     `controls` maps parameter names of `make_figure` to ipywidgets controls. The figure goes into
-    an `Output` widget (no FigureWidget, which is unreliable in Colab), appended as display data
-    rather than captured output, so executing a notebook stores only the widget placeholder.
+    an `Output` widget (no FigureWidget, which is unreliable in Colab) as the widget's own
+    display data: not printed through `fig.show()` (plotly publishes straight to the cell), so
+    executing a notebook stores only the widget placeholder.
     Return value: the panel (leave it as the cell's last expression to display it).
     """
     import ipywidgets as widgets
@@ -55,8 +56,9 @@ def live(make_figure: Callable[..., go.Figure], **controls):
     output = widgets.Output()
 
     def redraw(_change=None) -> None:
-        output.outputs = ()
-        output.append_display_data(make_figure(**{k: w.value for k, w in controls.items()}))
+        figure = make_figure(**{k: w.value for k, w in controls.items()})
+        output.outputs = ({"output_type": "display_data", "data": figure._repr_mimebundle_(),
+                           "metadata": {}},)
 
     for control in controls.values():
         control.observe(redraw, names="value")
