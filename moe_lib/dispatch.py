@@ -101,39 +101,41 @@ class GroupedExperts(torch.autograd.Function):
     """y_t = sum_k w_{t,k} SwiGLU_{e_{t,k}}(x_t) on expert-sorted pairs, with grouped GEMMs both ways.
 
     Forward, for the N sorted pairs (offsets_E: int32 cumulative pair counts per expert):
-        x_NH = x[token_N];  [g | u] = x_NH @ gate_up_e^T;  a = silu(g) * u
-        h_NI = w_N * a;  y = scatter-add over token_N of h_NI @ down_e^T
-    The combine weight scales the [N, I] activation rather than the [N, H] output (the same sum,
-    half the elementwise work). silu(g) is computed as g * sigmoid(g): on CPU, torch's silu kernel
-    is several times slower than its sigmoid, and the backward reuses sigmoid(g).
+        x_NH = x[token_N];  g = x_NH @ gate_e^T;  u = x_NH @ up_e^T;  a = silu(g) * u
+        y = scatter-add over token_N of (w_N * a) @ down_e^T
+    The gate and up halves of `gate_up_proj` are two grouped GEMMs, so each result is contiguous
+    (no strided half to copy). The combine weight scales the [N, I] activation rather than the
+    [N, H] output (the same sum, half the elementwise work). silu(g) = g * sigmoid(g) is computed in
+    place; fresh large allocations cost far more than in-place passes on CPU.
     Backward reuses the sorted layout: two grouped GEMMs per projection (input and weight
-    gradients) with silu'(g) = sigmoid(g) + silu(g) * (1 - sigmoid(g)).
-    Saves x_NH, g, u, sigmoid(g) and a.
+    gradients), with silu'(g) = sigmoid(g) + silu(g) * (1 - sigmoid(g)) and a = silu(g) * u
+    recomputed. Saves x_NH, sigmoid(g), silu(g) and u.
     """
 
     @staticmethod
     def forward(ctx, x_TH, token_N, weight_N, offsets_E, gate_up_EFH, down_EHI):
+        d_expert = down_EHI.shape[-1]
         x_NH = x_TH.index_select(0, token_N)
-        gate_up_NF = _GROUPED_MM(x_NH, gate_up_EFH.transpose(-2, -1), offs=offsets_E)
-        gate_NI, up_NI = gate_up_NF.chunk(2, dim=-1)
-        gate_NI = gate_NI.contiguous()  # elementwise kernels on the strided half are far slower
+        gate_NI = _GROUPED_MM(x_NH, gate_up_EFH[:, :d_expert].transpose(-2, -1), offs=offsets_E)
+        up_NI = _GROUPED_MM(x_NH, gate_up_EFH[:, d_expert:].transpose(-2, -1), offs=offsets_E)
         sig_NI = torch.sigmoid(gate_NI)
-        act_NI = (gate_NI * sig_NI).mul_(up_NI)
-        out_NH = _GROUPED_MM(act_NI * weight_N.unsqueeze(-1), down_EHI.transpose(-2, -1), offs=offsets_E)
-        ctx.save_for_backward(x_NH, gate_NI, up_NI, sig_NI, act_NI, token_N, weight_N, offsets_E,
+        silu_NI = gate_NI.mul_(sig_NI)
+        hidden_NI = (silu_NI * up_NI).mul_(weight_N.unsqueeze(-1))
+        out_NH = _GROUPED_MM(hidden_NI, down_EHI.transpose(-2, -1), offs=offsets_E)
+        ctx.save_for_backward(x_NH, sig_NI, silu_NI, up_NI, token_N, weight_N, offsets_E,
                               gate_up_EFH, down_EHI)
         return torch.zeros_like(x_TH).index_add_(0, token_N, out_NH)
 
     @staticmethod
     def backward(ctx, grad_TH):
-        x_NH, gate_NI, up_NI, sig_NI, act_NI, token_N, weight_N, offsets_E, gate_up_EFH, down_EHI = \
+        x_NH, sig_NI, silu_NI, up_NI, token_N, weight_N, offsets_E, gate_up_EFH, down_EHI = \
             ctx.saved_tensors
+        act_NI = silu_NI * up_NI
         grad_NH = grad_TH.index_select(0, token_N)
         grad_h_NI = _GROUPED_MM(grad_NH, down_EHI, offs=offsets_E)
-        grad_down_EHI = _GROUPED_MM(grad_NH.t(), act_NI * weight_N.unsqueeze(-1), offs=offsets_E)
-        grad_weight_N = (grad_h_NI * act_NI).sum(dim=-1)
+        grad_down_EHI = _GROUPED_MM(grad_NH.t(), act_NI.mul_(weight_N.unsqueeze(-1)), offs=offsets_E)
+        grad_weight_N = (grad_h_NI * silu_NI * up_NI).sum(dim=-1)
         grad_act_NI = grad_h_NI.mul_(weight_N.unsqueeze(-1))
-        silu_NI = gate_NI * sig_NI
         grad_up_NI = grad_act_NI * silu_NI
         grad_gate_NI = grad_act_NI.mul_(up_NI).mul_(torch.addcmul(sig_NI, silu_NI, 1 - sig_NI))
         grad_gate_up_NF = torch.cat([grad_gate_NI, grad_up_NI], dim=-1)
