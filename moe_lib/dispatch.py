@@ -7,8 +7,8 @@ Three interchangeable paths compute exactly this sum:
 - `dispatch_loop`: the readable reference, one boolean mask per expert.
 - `dispatch_sorted`: sort the T*K pairs by expert so that each expert reads one contiguous slice,
   then combine with one scatter-add.
-- `dispatch_grouped`: the same sorted layout fed to one grouped GEMM per projection
-  (`torch.nn.functional.grouped_mm`, or `torch._grouped_mm` on older releases).
+- `dispatch_grouped`: the same sorted layout fed to grouped GEMMs (`moe_lib.kernels`: oneDNN on the
+  CPU, `torch.nn.functional.grouped_mm` / `torch._grouped_mm` elsewhere), forward and backward.
 
 Every path takes `(x_TH, indices_TK, weights_TK, experts)`; an index of -1 marks a pair dropped by
 the expert capacity (`apply_capacity`) and contributes nothing. Expert parallelism and the GPU
@@ -24,10 +24,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .experts import RoutedExperts, swiglu
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-HAS_GROUPED_MM = _GROUPED_MM is not None
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -100,9 +99,10 @@ def dispatch_sorted(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: to
 class GroupedExperts(torch.autograd.Function):
     """y_t = sum_k w_{t,k} SwiGLU_{e_{t,k}}(x_t) on expert-sorted pairs, with grouped GEMMs both ways.
 
-    Forward, for the N sorted pairs (offsets_E: int32 cumulative pair counts per expert):
+    Forward, for the N sorted pairs (counts_E: pairs per expert, a list of ints):
         x_NH = x[token_N];  g = x_NH @ gate_e^T;  u = x_NH @ up_e^T;  a = silu(g) * u
         y = scatter-add over token_N of (w_N * a) @ down_e^T
+    The GEMMs are `moe_lib.kernels` grouped products (oneDNN on the CPU, grouped_mm elsewhere).
     The gate and up halves of `gate_up_proj` are two grouped GEMMs, so each result is contiguous
     (no strided half to copy). The combine weight scales the [N, I] activation rather than the
     [N, H] output (the same sum, half the elementwise work). silu(g) = g * sigmoid(g) is computed in
@@ -113,49 +113,50 @@ class GroupedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TH, token_N, weight_N, offsets_E, gate_up_EFH, down_EHI):
+    def forward(ctx, x_TH, token_N, weight_N, counts_E, gate_up_EFH, down_EHI):
         d_expert = down_EHI.shape[-1]
         x_NH = x_TH.index_select(0, token_N)
-        gate_NI = _GROUPED_MM(x_NH, gate_up_EFH[:, :d_expert].transpose(-2, -1), offs=offsets_E)
-        up_NI = _GROUPED_MM(x_NH, gate_up_EFH[:, d_expert:].transpose(-2, -1), offs=offsets_E)
+        gate_NI = kernels.grouped_mm_nt(x_NH, gate_up_EFH[:, :d_expert], counts_E)
+        up_NI = kernels.grouped_mm_nt(x_NH, gate_up_EFH[:, d_expert:], counts_E)
         sig_NI = torch.sigmoid(gate_NI)
         silu_NI = gate_NI.mul_(sig_NI)
         hidden_NI = (silu_NI * up_NI).mul_(weight_N.unsqueeze(-1))
-        out_NH = _GROUPED_MM(hidden_NI, down_EHI.transpose(-2, -1), offs=offsets_E)
-        ctx.save_for_backward(x_NH, sig_NI, silu_NI, up_NI, token_N, weight_N, offsets_E,
-                              gate_up_EFH, down_EHI)
+        out_NH = kernels.grouped_mm_nt(hidden_NI, down_EHI, counts_E)
+        ctx.counts_E = counts_E
+        ctx.save_for_backward(x_NH, sig_NI, silu_NI, up_NI, token_N, weight_N, gate_up_EFH, down_EHI)
         return torch.zeros_like(x_TH).index_add_(0, token_N, out_NH)
 
     @staticmethod
     def backward(ctx, grad_TH):
-        x_NH, sig_NI, silu_NI, up_NI, token_N, weight_N, offsets_E, gate_up_EFH, down_EHI = \
-            ctx.saved_tensors
+        x_NH, sig_NI, silu_NI, up_NI, token_N, weight_N, gate_up_EFH, down_EHI = ctx.saved_tensors
+        counts_E = ctx.counts_E
         act_NI = silu_NI * up_NI
         grad_NH = grad_TH.index_select(0, token_N)
-        grad_h_NI = _GROUPED_MM(grad_NH, down_EHI, offs=offsets_E)
-        grad_down_EHI = _GROUPED_MM(grad_NH.t(), act_NI.mul_(weight_N.unsqueeze(-1)), offs=offsets_E)
+        grad_h_NI = kernels.grouped_mm_nn(grad_NH, down_EHI, counts_E)
+        grad_down_EHI = kernels.grouped_mm_tn(grad_NH, act_NI.mul_(weight_N.unsqueeze(-1)), counts_E)
         grad_weight_N = (grad_h_NI * silu_NI * up_NI).sum(dim=-1)
         grad_act_NI = grad_h_NI.mul_(weight_N.unsqueeze(-1))
         grad_up_NI = grad_act_NI * silu_NI
         grad_gate_NI = grad_act_NI.mul_(up_NI).mul_(torch.addcmul(sig_NI, silu_NI, 1 - sig_NI))
         grad_gate_up_NF = torch.cat([grad_gate_NI, grad_up_NI], dim=-1)
-        grad_x_NH = _GROUPED_MM(grad_gate_up_NF, gate_up_EFH, offs=offsets_E)
-        grad_gate_up_EFH = _GROUPED_MM(grad_gate_up_NF.t(), x_NH, offs=offsets_E)
+        grad_x_NH = kernels.grouped_mm_nn(grad_gate_up_NF, gate_up_EFH, counts_E)
+        grad_gate_up_EFH = kernels.grouped_mm_tn(grad_gate_up_NF, x_NH, counts_E)
         grad_x_TH = torch.zeros_like(grad_TH).index_add_(0, token_N, grad_x_NH)
         return grad_x_TH, None, grad_weight_N, None, grad_gate_up_EFH, grad_down_EHI
 
 
 def dispatch_grouped(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                      experts: RoutedExperts) -> torch.Tensor:
-    """Grouped GEMM: the sorted layout, all experts in one kernel per projection (`GroupedExperts`).
+    """Grouped GEMM: the sorted layout, all experts' GEMMs in one pass per projection.
 
-    Falls back to `dispatch_sorted` where grouped_mm is missing or does not take the dtype (float64).
+    Falls back to `dispatch_sorted` where neither oneDNN nor grouped_mm takes the input
+    (e.g. float64).
     """
-    if not HAS_GROUPED_MM or x_TH.dtype not in GROUPED_MM_DTYPES:
+    grouped_mm_ok = kernels.HAS_GROUPED_MM and x_TH.dtype in GROUPED_MM_DTYPES
+    if not (kernels.use_onednn(x_TH) or grouped_mm_ok):
         return dispatch_sorted(x_TH, indices_TK, weights_TK, experts)
     pairs = sort_by_expert(indices_TK, weights_TK, experts.n_experts)
-    offsets_E = pairs.counts_E.cumsum(0).to(torch.int32)
-    return GroupedExperts.apply(x_TH, pairs.token_N, pairs.weight_N, offsets_E,
+    return GroupedExperts.apply(x_TH, pairs.token_N, pairs.weight_N, pairs.counts_E.tolist(),
                                 experts.gate_up_proj, experts.down_proj)
 
 

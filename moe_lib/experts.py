@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import linear
+
 
 def swiglu(x_NH: torch.Tensor, gate_up_FH: torch.Tensor, down_HI: torch.Tensor) -> torch.Tensor:
     """SwiGLU with a fused gate/up weight: [N, H] -> [N, H] (F = 2I, gate rows first)."""
-    gate_NI, up_NI = F.linear(x_NH, gate_up_FH).chunk(2, dim=-1)
-    return F.linear(F.silu(gate_NI) * up_NI, down_HI)
+    gate_NI, up_NI = linear(x_NH, gate_up_FH).chunk(2, dim=-1)
+    return linear(F.silu(gate_NI) * up_NI, down_HI)
 
 
 class Expert(nn.Module):
@@ -31,7 +33,9 @@ class Expert(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # the nn.Linear weights, multiplied by moe_lib.kernels.linear (oneDNN on the CPU)
+        gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
+        return linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class RoutedExperts(nn.Module):

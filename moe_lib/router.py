@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .kernels import linear
 
 
 class Routing(NamedTuple):
@@ -114,7 +114,7 @@ class Router(nn.Module):
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         dtype = torch.promote_types(x_TH.dtype, torch.float32)  # fp32 at least, as in HF / V3
-        logits_TE = F.linear(x_TH.to(dtype), self.weight.to(dtype))
+        logits_TE = linear(x_TH.to(dtype), self.weight.to(dtype))
         return route(logits_TE, self.correction_bias, self.cfg)
 
     def _apply(self, fn, recurse=True):

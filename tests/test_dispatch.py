@@ -10,12 +10,12 @@ import torch
 from moe_lib import RoutedExperts
 from moe_lib.dispatch import (
     DISPATCH,
-    HAS_GROUPED_MM,
     apply_capacity,
     dispatch_grouped,
     expert_capacity,
     sort_by_expert,
 )
+from moe_lib.kernels import HAS_GROUPED_MM
 
 
 def reference_dispatch(x_TH, indices_TK, weights_TK, experts):
