@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from . import kernels
 from .experts import RoutedExperts, swiglu
 
-GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
     """Tokens an expert may keep: ceil(capacity_factor * T * K / E)."""
@@ -150,10 +148,10 @@ def dispatch_grouped(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: t
     """Grouped GEMM: the sorted layout, all experts' GEMMs in one pass per projection.
 
     Falls back to `dispatch_sorted` where neither oneDNN nor grouped_mm takes the input
-    (e.g. float64).
+    (float64; 16-bit widths that are not multiples of 8).
     """
-    grouped_mm_ok = kernels.HAS_GROUPED_MM and x_TH.dtype in GROUPED_MM_DTYPES
-    if not (kernels.use_onednn(x_TH) or grouped_mm_ok):
+    if not (kernels.use_onednn(x_TH)
+            or kernels.use_grouped_mm(x_TH, experts.d_model, experts.d_expert)):
         return dispatch_sorted(x_TH, indices_TK, weights_TK, experts)
     pairs = sort_by_expert(indices_TK, weights_TK, experts.n_experts)
     return GroupedExperts.apply(x_TH, pairs.token_N, pairs.weight_N, pairs.counts_E.tolist(),

@@ -40,6 +40,14 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
                           for t in tensors)
 
 
+def use_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
+    """Whether torch's grouped_mm takes x: float32, or a 16-bit type with every dim a multiple of 8
+    (its rows must be 16-byte aligned)."""
+    if not HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return x.dtype == torch.float32 or all(d % 8 == 0 for d in dims)
+
+
 def mm_nt(a_MK: torch.Tensor, b_NK: torch.Tensor) -> torch.Tensor:
     """a @ b^T for 2-D operands (no autograd)."""
     if use_onednn(a_MK, b_NK):

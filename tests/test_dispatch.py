@@ -87,6 +87,15 @@ def test_grouped_accepts_float64_by_falling_back():
     torch.testing.assert_close(out, reference_dispatch(x_TH, indices_TK, weights_TK.double(), experts))
 
 
+def test_grouped_bf16_with_unaligned_width_falls_back_instead_of_crashing():
+    experts = RoutedExperts(4, 8, 4).to(torch.bfloat16)  # d_expert 4: rows not 16-byte aligned
+    x_TH = torch.randn(10, 8, dtype=torch.bfloat16)
+    indices_TK, weights_TK = random_routing(10, 4, 2)
+    out = dispatch_grouped(x_TH, indices_TK, weights_TK.bfloat16(), experts)
+    expected = reference_dispatch(x_TH.float(), indices_TK, weights_TK, experts.float())
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
+
+
 def test_grouped_mm_available_in_pinned_torch():
     assert HAS_GROUPED_MM  # torch 2.13 has torch.nn.functional.grouped_mm
 
