@@ -131,8 +131,8 @@ class GroupedExperts(torch.autograd.Function):
         act_NI = silu_NI * up_NI
         grad_NH = grad_TH.index_select(0, token_N)
         grad_h_NI = kernels.grouped_mm_nn(grad_NH, down_EHI, counts_E)
+        grad_weight_N = (grad_h_NI * act_NI).sum(dim=-1)
         grad_down_EHI = kernels.grouped_mm_tn(grad_NH, act_NI.mul_(weight_N.unsqueeze(-1)), counts_E)
-        grad_weight_N = (grad_h_NI * silu_NI * up_NI).sum(dim=-1)
         grad_act_NI = grad_h_NI.mul_(weight_N.unsqueeze(-1))
         grad_up_NI = grad_act_NI * silu_NI
         grad_gate_NI = grad_act_NI.mul_(up_NI).mul_(torch.addcmul(sig_NI, silu_NI, 1 - sig_NI))

@@ -56,6 +56,14 @@ def group_scores(choice_TE: torch.Tensor, n_groups: int, group_score: str) -> to
     raise ValueError(f"group_score={group_score!r} is invalid: expected 'top2_sum' or 'max'.")
 
 
+def kept_groups(choice_TE: torch.Tensor, n_groups: int, topk_groups: int,
+                group_score: str = "top2_sum") -> torch.Tensor:
+    """[T, G] bool: the `topk_groups` best-scoring expert groups of each token (V2/V3 group limit)."""
+    keep_TG = group_scores(choice_TE, n_groups, group_score).topk(topk_groups, dim=-1).indices
+    return torch.zeros(choice_TE.shape[0], n_groups, dtype=torch.bool,
+                       device=choice_TE.device).scatter_(1, keep_TG, True)
+
+
 def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: int,
                    n_groups: int = 1, topk_groups: int = 1,
                    group_score: str = "top2_sum") -> torch.Tensor:
@@ -65,11 +73,9 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: 
     """
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
     if topk_groups < n_groups:
-        keep_TG = group_scores(choice_TE, n_groups, group_score).topk(topk_groups, dim=-1).indices
-        mask_TG = torch.ones(choice_TE.shape[0], n_groups, dtype=torch.bool,
-                             device=choice_TE.device).scatter_(1, keep_TG, False)
-        choice_TE = choice_TE.masked_fill(mask_TG.repeat_interleave(
-            choice_TE.shape[1] // n_groups, dim=1), float("-inf"))
+        keep_TE = kept_groups(choice_TE, n_groups, topk_groups, group_score).repeat_interleave(
+            choice_TE.shape[1] // n_groups, dim=1)
+        choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
     return choice_TE.topk(top_k, dim=-1).indices
 
 

@@ -69,7 +69,6 @@ def simulate_loss_free(n_experts: int = 64, top_k: int = 6, skew: float = 2.0, g
                         torch.tensor(history["max_vio"]), torch.tensor(history["cv"]))
 
 
-
 @dataclass
 class ToyTask:
     """A regression teacher for training demos: y = scale * tanh(x W1) W2, with x ~ N(0, I).

@@ -201,3 +201,20 @@ def test_float64_inputs_route_in_float64():
     router = Router(MoEConfig(d_model=8, d_expert=4, n_routed=4, top_k=2)).double()
     routing = router(torch.randn(3, 8, dtype=torch.float64))
     assert routing.weights.dtype == torch.float64 and routing.scores.dtype == torch.float64
+
+
+def test_kept_groups_picks_best_groups_and_bounds_the_selection():
+    from moe_lib.router import kept_groups
+
+    # 2 tokens, 4 groups of 2 experts. t0: top-2 sums (0.3, 1.5, 0.85, 1.1), maxima (0.2, 0.8, 0.85, 0.6);
+    # t1: sums (1.8, 0.2, 0.6, 0.4), maxima (0.9, 0.1, 0.3, 0.2)
+    choice_TE = torch.tensor([[0.1, 0.2, 0.7, 0.8, 0.85, 0.0, 0.6, 0.5],
+                              [0.9, 0.9, 0.1, 0.1, 0.3, 0.3, 0.2, 0.2]])
+    keep_TG = kept_groups(choice_TE, n_groups=4, topk_groups=2, group_score="top2_sum")
+    assert keep_TG.tolist() == [[False, True, False, True], [True, False, True, False]]
+    assert kept_groups(choice_TE, 4, 2, "max").tolist() == [[False, True, True, False],
+                                                            [True, False, True, False]]
+    scores_TE = torch.rand(64, 16)
+    indices_TK = select_experts(scores_TE, None, 3, n_groups=4, topk_groups=2)
+    keep_TG = kept_groups(scores_TE, 4, 2)
+    assert keep_TG.gather(1, indices_TK // 4).all()  # every chosen expert lies in a kept group

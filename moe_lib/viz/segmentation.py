@@ -14,9 +14,10 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from .. import router
 from ..accounting import ModelShape, fine_grained, moe_flops_per_token, moe_params, n_combinations
 from ..config import MoEConfig
-from ..router import group_scores, select_experts
+from ..router import select_experts
 
 #: The coarse baseline of chapter 2: 16 experts, each as wide as a dense FFN, top-2 (GShard-like).
 BASE = {"d_model": 1024, "d_ff": 4096, "n_experts": 16, "top_k": 2}
@@ -100,10 +101,8 @@ def segmentation_figure(m: int = 4, n_shared: int = 1, **base) -> go.Figure:
 
 
 def kept_groups(scores_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
-    """[T, G] bool: the `topk_groups` groups each token keeps (by `cfg.resolved_group_score`)."""
-    score_TG = group_scores(scores_TE, cfg.n_groups, cfg.resolved_group_score)
-    keep_TG = torch.zeros_like(score_TG, dtype=torch.bool)
-    return keep_TG.scatter_(1, score_TG.topk(cfg.topk_groups, dim=-1).indices, True)
+    """[T, G] bool: the groups each token keeps under `cfg` (`moe_lib.router.kept_groups`)."""
+    return router.kept_groups(scores_TE, cfg.n_groups, cfg.topk_groups, cfg.resolved_group_score)
 
 
 def routing_map(scores_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
