@@ -3,9 +3,10 @@
 from .balance import LoadMonitor, update_bias
 from .config import MoEConfig
 from .experts import Expert, RoutedExperts
+from .model import ModelConfig, Transformer, generate
 from .moe import DeepSeekMoE, RoutingStats
 from .router import Router, Routing, route
 
-__all__ = ["DeepSeekMoE", "Expert", "LoadMonitor", "MoEConfig", "RoutedExperts", "Router",
-           "Routing", "RoutingStats", "route", "update_bias"]
+__all__ = ["DeepSeekMoE", "Expert", "LoadMonitor", "MoEConfig", "ModelConfig", "RoutedExperts", "Router",
+           "Routing", "RoutingStats", "Transformer", "generate", "route", "update_bias"]
 __version__ = "0.1.0"
