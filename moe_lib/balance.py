@@ -11,8 +11,15 @@ PREVIOUS step's batch, so no token's routing depends on tokens that come after i
 Auxiliary losses (all of the form alpha * sum_i f_i P_i):
     expert-level (DeepSeekMoE Eqs. 12-14, Switch): f_i = E/(K T) * #tokens choosing i, P_i = mean_t s'_{i,t}
     sequence-wise (DeepSeek-V3 Eqs. 17-20): the same per sequence, averaged over sequences
-    device-level (DeepSeek-V2 Eqs. 31-33): f'_d = mean_{i in d} f_i, P'_d = sum_{i in d} P_i
+    batch-wise (DeepSeek-V3 Sec. 4.5.3): the same over the whole batch (the expert-level loss)
+    device-level (DeepSeekMoE Sec. 3.3, reused by DeepSeek-V2 Eqs. 31-33):
+        f'_d = mean_{i in d} f_i, P'_d = sum_{i in d} P_i
 where s' are the scores normalised over all experts (a no-op for softmax scores).
+
+Which tokens "choose" expert i in f_i: V3 Eq. 18 counts 1[s_{i,t} in TopK({s_{j,t}}, K)] on the
+UNBIASED scores over ALL routed experts, even though the actual routing adds the correction bias and
+the group limit. `unbiased_topk` computes that set; `DeepSeekMoE` passes it to every balance loss
+(Megatron-LM likewise runs a separate top-K for its auxiliary loss when the routing is group-limited).
 """
 
 from __future__ import annotations
@@ -72,11 +79,35 @@ def expert_aux_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, alpha: fl
     return alpha * (f_E * mean_probability(scores_TE)).sum()
 
 
+def unbiased_topk(scores_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[T, K] indices of TopK({s_{j,t}}, K) over all routed experts: no bias, no group limit (V3 Eq. 18)."""
+    return scores_TE.detach().topk(top_k, dim=-1).indices
+
+
 def sequence_aux_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor,
                       alpha: float) -> torch.Tensor:
-    """Sequence-wise balance loss (V3): the expert-level loss per sequence, averaged over B."""
-    losses = [expert_aux_loss(s_SE, i_SK, alpha) for s_SE, i_SK in zip(scores_BSE, indices_BSK, strict=True)]
-    return torch.stack(losses).mean()
+    """Sequence-wise balance loss (V3 Eqs. 17-20): alpha * sum_i f_i P_i per sequence, mean over B.
+
+    f_{b,i} = E/(K S) * #tokens of sequence b choosing i, P_{b,i} = mean over its S tokens of s'.
+    Vectorised over the B sequences (one scatter-add, no Python loop).
+    """
+    n_seq, seq_len, n_experts = scores_BSE.shape
+    top_k = indices_BSK.shape[-1]
+    flat_BN = indices_BSK.reshape(n_seq, -1)
+    valid_BN = (flat_BN >= 0).to(scores_BSE.dtype)  # -1 marks a dropped pair: counts nothing
+    counts_BE = scores_BSE.new_zeros(n_seq, n_experts).scatter_add_(1, flat_BN.clamp(min=0), valid_BN)
+    f_BE = counts_BE * n_experts / (top_k * seq_len)
+    p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return alpha * (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def batch_aux_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Batch-wise balance loss (V3 Sec. 4.5.3): the sequence-wise loss computed over the whole batch.
+
+    It is the expert-level loss of `expert_aux_loss` on all T tokens of the batch; V3 compares it
+    with the sequence-wise loss and with loss-free balancing (its Sec. 4.5.3).
+    """
+    return expert_aux_loss(scores_TE, indices_TK, alpha)
 
 
 def device_aux_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, n_devices: int,

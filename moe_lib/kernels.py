@@ -42,11 +42,11 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
 
 
 def use_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
-    """Whether torch's grouped_mm takes x: float32, or a 16-bit type with every dim a multiple of 8
-    (its rows must be 16-byte aligned)."""
+    """Whether torch's grouped_mm takes x: float32 or a 16-bit type, with every dim a multiple of
+    16 bytes (its rows must be 16-byte aligned: 4 float32 or 8 16-bit elements)."""
     if not HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    return x.dtype == torch.float32 or all(d % 8 == 0 for d in dims)
+    return all(d * x.element_size() % 16 == 0 for d in dims)
 
 
 def mm_nt(a_MK: torch.Tensor, b_NK: torch.Tensor) -> torch.Tensor:

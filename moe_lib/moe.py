@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .balance import AddAuxiliaryLoss, apply_bias_update, device_aux_loss, expert_aux_loss, sequence_aux_loss
+from .balance import (
+    AddAuxiliaryLoss,
+    apply_bias_update,
+    batch_aux_loss,
+    device_aux_loss,
+    expert_aux_loss,
+    sequence_aux_loss,
+    unbiased_topk,
+)
 from .config import MoEConfig
 from .dispatch import DISPATCH, apply_capacity, expert_capacity
 from .experts import Expert, RoutedExperts
@@ -65,6 +73,8 @@ class DeepSeekMoE(nn.Module):
                                            self.experts)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
+        if x_TH.shape[0] == 0:  # no tokens: adding the empty input keeps the output in the graph
+            y_TH = y_TH + x_TH
         self._record(routing, indices_TK)
         if self.training:
             y_TH = self._balance(routing, x.shape, y_TH)
@@ -91,17 +101,20 @@ class DeepSeekMoE(nn.Module):
             self.gate.accumulate_load(routing.indices)
         if cfg.bias_update == "forward":
             apply_bias_update(self.gate)
-        if cfg.aux_loss == "none":
+        if cfg.aux_loss == "none" or routing.scores.shape[0] == 0:  # no loss on an empty batch
             self.aux_loss = y_TH.new_zeros((), dtype=torch.float32)
             return y_TH
+        # f_i counts the top-K of the unbiased scores over all experts (V3 Eq. 18), not the routing
+        chosen_TK = unbiased_topk(routing.scores, cfg.top_k)
         if cfg.aux_loss == "expert":
-            loss = expert_aux_loss(routing.scores, routing.indices, cfg.aux_loss_alpha)
+            loss = expert_aux_loss(routing.scores, chosen_TK, cfg.aux_loss_alpha)
+        elif cfg.aux_loss == "batch":
+            loss = batch_aux_loss(routing.scores, chosen_TK, cfg.aux_loss_alpha)
         elif cfg.aux_loss == "device":
-            loss = device_aux_loss(routing.scores, routing.indices, cfg.aux_loss_devices,
-                                   cfg.aux_loss_alpha)
+            loss = device_aux_loss(routing.scores, chosen_TK, cfg.aux_loss_devices, cfg.aux_loss_alpha)
         else:
-            n_seq = shape[0] if len(shape) == 3 else 1
-            loss = sequence_aux_loss(routing.scores.view(n_seq, -1, cfg.n_routed),
-                                     routing.indices.view(n_seq, -1, cfg.top_k), cfg.aux_loss_alpha)
+            n_seq, seq_len = (shape[0], shape[1]) if len(shape) == 3 else (1, routing.scores.shape[0])
+            loss = sequence_aux_loss(routing.scores.view(n_seq, seq_len, cfg.n_routed),
+                                     chosen_TK.view(n_seq, seq_len, cfg.top_k), cfg.aux_loss_alpha)
         self.aux_loss = loss
         return AddAuxiliaryLoss.apply(y_TH, loss) if cfg.aux_loss_inject else y_TH

@@ -14,6 +14,7 @@ from torch import nn
 from moe_lib import DeepSeekMoE, LoadMonitor, MoEConfig, update_bias
 from moe_lib.balance import (
     AddAuxiliaryLoss,
+    batch_aux_loss,
     collapse_fraction,
     device_aux_loss,
     expert_aux_loss,
@@ -206,7 +207,7 @@ def test_device_aux_loss_matches_hand_computation(n_devices):
     assert math.isclose(loss.item(), reference_device_loss(scores, indices, n_devices, 0.05), rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("aux_loss", ["expert", "sequence", "device"])
+@pytest.mark.parametrize("aux_loss", ["expert", "batch", "sequence", "device"])
 def test_layer_aux_loss_value_and_unchanged_forward(aux_loss):
     cfg = tiny_cfg(aux_loss=aux_loss, aux_loss_alpha=0.1, aux_loss_devices=2)
     layer = make_layer(cfg).train()
@@ -215,9 +216,9 @@ def test_layer_aux_loss_value_and_unchanged_forward(aux_loss):
     x = torch.randn(3, 5, 16)
     out = layer(x)
     assert torch.equal(out, plain.train()(x))  # forward output is unchanged by the injection
-    stats = layer.last_routing
-    scores, indices = stats.scores.double(), stats.indices
-    if aux_loss == "expert":
+    scores = layer.last_routing.scores.double()
+    indices = scores.topk(cfg.top_k, dim=-1).indices  # f_i counts the unbiased top-K (V3 Eq. 18)
+    if aux_loss in ("expert", "batch"):
         expected = reference_expert_loss(scores, indices, 0.1)
     elif aux_loss == "device":
         expected = reference_device_loss(scores, indices, 2, 0.1)
@@ -225,6 +226,57 @@ def test_layer_aux_loss_value_and_unchanged_forward(aux_loss):
         expected = sum(reference_expert_loss(scores[5 * b:5 * b + 5], indices[5 * b:5 * b + 5], 0.1)
                        for b in range(3)) / 3
     assert math.isclose(layer.aux_loss.item(), expected, rel_tol=1e-5)
+
+
+def v3_sequence_loss_eqs_17_to_20(x_BSH: torch.Tensor, gate_EH: torch.Tensor, top_k: int,
+                                  alpha: float) -> float:
+    """DeepSeek-V3 Eqs. 17-20 written out in float64, token by token, from the input and gate weight."""
+    total = 0.0
+    n_experts = gate_EH.shape[0]
+    for x_SH in x_BSH.double():
+        s = torch.sigmoid(x_SH @ gate_EH.double().t())  # [S, E] unbiased affinities
+        seq_len = s.shape[0]
+        loss = 0.0
+        for i in range(n_experts):
+            chosen = sum(1.0 for t in range(seq_len) if i in set(s[t].topk(top_k).indices.tolist()))
+            f_i = n_experts / (top_k * seq_len) * chosen                     # Eq. 18
+            p_i = sum((s[t, i] / s[t].sum()).item() for t in range(seq_len)) / seq_len  # Eqs. 19-20
+            loss += f_i * p_i
+        total += alpha * loss                                               # Eq. 17
+    return total / x_BSH.shape[0]
+
+
+def test_sequence_loss_is_v3_eq_17_to_20_on_unbiased_scores_despite_a_large_bias_and_groups():
+    cfg = tiny_cfg(n_routed=16, top_k=4, n_groups=4, topk_groups=2, aux_loss="sequence",
+                   aux_loss_alpha=1e-4, aux_loss_inject=False)
+    layer = make_layer(cfg, bias_scale=0.5).train()
+    x = torch.randn(4, 24, 16)
+    layer(x)
+    expected = v3_sequence_loss_eqs_17_to_20(x, layer.gate.weight.detach(), cfg.top_k, 1e-4)
+    assert math.isclose(layer.aux_loss.item(), expected, rel_tol=1e-5)
+    # the bias and the group limit do change the routing, so counting the routed experts would differ
+    routed = layer.last_routing.indices.view(4, 24, cfg.top_k)
+    biased = sequence_aux_loss(layer.last_routing.scores.double().view(4, 24, -1), routed, 1e-4).item()
+    assert abs(biased - expected) / expected > 0.01
+
+
+def test_sequence_aux_loss_counts_dropped_pairs_as_nothing():
+    scores, indices = random_routing(12, 8, 2)
+    dropped = indices.clone()
+    dropped[3, 1] = -1
+    expected = (reference_expert_loss(scores[:6], dropped[:6], 1.0)
+                + reference_expert_loss(scores[6:], dropped[6:], 1.0)) / 2
+    loss = sequence_aux_loss(scores.view(2, 6, 8), dropped.view(2, 6, 2), 1.0)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+
+
+def test_batch_aux_loss_is_the_loss_over_the_whole_batch():
+    scores, indices = random_routing(20, 8, 2)
+    assert math.isclose(batch_aux_loss(scores, indices, 0.01).item(),
+                        reference_expert_loss(scores, indices, 0.01), rel_tol=1e-6)
+    assert not math.isclose(batch_aux_loss(scores, indices, 0.01).item(),
+                            sequence_aux_loss(scores.view(4, 5, 8), indices.view(4, 5, 2), 0.01).item(),
+                            rel_tol=1e-3)
 
 
 def test_aux_loss_gradient_reaches_the_gate_only_through_the_aux_loss():

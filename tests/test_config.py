@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -18,13 +19,20 @@ INVALID = [
     (dict(n_groups=2, topk_groups=3), "topk_groups", "3", "at most n_groups=2"),
     (dict(n_groups=4, topk_groups=1, top_k=4), "topk_groups", "1",
      "at least top_k=4 experts (1 groups x 2 experts = 2)"),
-    (dict(n_groups=8, topk_groups=4, top_k=2), "n_groups", "8", "at least 2 experts per group"),
+    (dict(n_groups=8, topk_groups=4, top_k=2), "n_groups", "8",
+     "at most n_routed/2=4 groups, so that each group holds the 2 experts"),
     (dict(score_func="relu"), "score_func", "'relu'", "one of 'softmax', 'sigmoid'"),
     (dict(group_score="mean"), "group_score", "'mean'", "one of 'auto', 'top2_sum', 'max'"),
     (dict(dispatch="fast"), "dispatch", "'fast'", "one of 'loop', 'sorted', 'grouped'"),
     (dict(bias_update="epoch"), "bias_update", "'epoch'", "one of 'step', 'forward', 'none'"),
     (dict(aux_loss="z_loss"), "aux_loss", "'z_loss'",
-     "one of 'none', 'expert', 'sequence', 'device'"),
+     "one of 'none', 'expert', 'sequence', 'batch', 'device'"),
+    (dict(d_model=True), "d_model", "True", "a positive integer"),
+    (dict(route_scale=float("inf")), "route_scale", "inf", "a finite real number"),
+    (dict(route_scale="2.5"), "route_scale", "'2.5'", "a finite real number"),
+    (dict(aux_loss_alpha=float("nan")), "aux_loss_alpha", "nan", "a finite real number"),
+    (dict(capacity_factor="1.0"), "capacity_factor", "'1.0'", "None (dropless) or a positive number"),
+    (dict(norm_topk_prob=1), "norm_topk_prob", "1", "True or False"),
     (dict(d_model=0), "d_model", "0", "a positive integer"),
     (dict(d_model=16.0), "d_model", "16.0", "a positive integer"),
     (dict(d_expert=-8), "d_expert", "-8", "a positive integer"),
@@ -74,6 +82,16 @@ def test_resolved_group_score(score_func, group_score, expected):
     assert cfg.resolved_group_score == expected
 
 
+@pytest.mark.parametrize("changes", [
+    dict(n_routed=1, top_k=1),                           # one expert, sigmoid scores, no groups
+    dict(n_routed=4, top_k=2, n_groups=4, topk_groups=4),  # groups of one expert, limit inactive
+    dict(n_routed=8, top_k=2, n_groups=8, topk_groups=8),
+])
+def test_top2_sum_needs_two_experts_per_group_only_when_the_group_limit_is_active(changes):
+    cfg = MoEConfig(**{**SMALL, **changes})
+    assert cfg.resolved_group_score == "top2_sum"
+
+
 def test_max_group_score_allows_single_expert_groups():
     cfg = MoEConfig(**{**SMALL, "top_k": 2}, n_groups=8, topk_groups=4, group_score="max")
     assert cfg.n_routed // cfg.n_groups == 1
@@ -86,3 +104,119 @@ def test_published_presets_match_the_papers():
             DEEPSEEK_V2.norm_topk_prob, DEEPSEEK_V2.resolved_group_score) == (160, 6, 3, 16.0, False, "max")
     assert (DEEPSEEK_MOE_16B.n_routed, DEEPSEEK_MOE_16B.n_shared, DEEPSEEK_MOE_16B.top_k) == (64, 2, 6)
     assert (BOOK.d_model, BOOK.d_expert, BOOK.n_routed, BOOK.n_shared, BOOK.top_k) == (256, 128, 64, 1, 6)
+
+
+# --- property-based: random valid and invalid configurations (hypothesis) ---------------------------
+
+INT_FIELDS = ("d_model", "d_expert", "n_routed", "top_k", "n_groups", "topk_groups", "aux_loss_devices")
+ENUMS = {"score_func": ("softmax", "sigmoid"), "group_score": ("auto", "top2_sum", "max"),
+         "dispatch": ("loop", "sorted", "grouped"), "bias_update": ("step", "forward", "none"),
+         "aux_loss": ("none", "expert", "sequence", "batch", "device")}
+
+
+def _int(value) -> bool:
+    return type(value) is int
+
+
+def _real(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def invalid_fields(kw: dict) -> set[str]:
+    """The fields an independent reading of the rules finds invalid (relations only among valid fields)."""
+    bad = {f for f in INT_FIELDS if not (_int(kw[f]) and kw[f] >= 1)}
+    bad |= {f for f, allowed in ENUMS.items() if kw[f] not in allowed}
+    if not (_int(kw["n_shared"]) and kw["n_shared"] >= 0):
+        bad.add("n_shared")
+    if not (_real(kw["route_scale"]) and kw["route_scale"] > 0):
+        bad.add("route_scale")
+    for f in ("bias_update_speed", "aux_loss_alpha"):
+        if not (_real(kw[f]) and kw[f] >= 0):
+            bad.add(f)
+    if not (kw["capacity_factor"] is None or (_real(kw["capacity_factor"]) and kw["capacity_factor"] > 0)):
+        bad.add("capacity_factor")
+    for f in ("norm_topk_prob", "aux_loss_inject"):
+        if type(kw[f]) is not bool:
+            bad.add(f)
+    e, k, g, kg = kw["n_routed"], kw["top_k"], kw["n_groups"], kw["topk_groups"]
+    if bad & {"n_routed", "top_k", "n_groups", "topk_groups"}:
+        return bad
+    if k > e:
+        bad.add("top_k")
+    if e % g:
+        bad.add("n_groups")
+    elif kg > g or kg * (e // g) < k:
+        bad.add("topk_groups")
+    elif "score_func" not in bad and "group_score" not in bad:
+        top2 = (kw["group_score"] == "top2_sum"
+                or (kw["group_score"] == "auto" and kw["score_func"] == "sigmoid"))
+        if top2 and kg < g and e // g < 2:
+            bad.add("n_groups")
+    if "aux_loss_devices" not in bad and e % kw["aux_loss_devices"]:
+        bad.add("aux_loss_devices")
+    return bad
+
+
+def config_kwargs(valid_only: bool = False):
+    """A strategy of MoEConfig keyword arguments, mostly small and often invalid."""
+    from hypothesis import strategies as st
+
+    def pick(good, bad):
+        return st.sampled_from(good) if valid_only else st.sampled_from(good + bad)
+
+    def ints(lo, hi):
+        return st.integers(lo, hi) if valid_only else st.one_of(st.integers(lo - 2, hi), st.just(True),
+                                                                  st.just(float(lo)))
+    return st.fixed_dictionaries({
+        "d_model": pick([4, 8, 12], [0, -4, 8.0, True]), "d_expert": pick([2, 4, 6], [0, -2]),
+        "n_routed": ints(1, 12), "top_k": ints(1, 6), "n_groups": ints(1, 6), "topk_groups": ints(1, 6),
+        "n_shared": pick([0, 1, 2], [-1, 1.5]),
+        "score_func": pick(["sigmoid", "softmax"], ["relu"]),
+        "group_score": pick(["auto", "top2_sum", "max"], ["mean"]),
+        "norm_topk_prob": pick([True, False], [1, None]),
+        "route_scale": pick([1.0, 2.5, 16], [0.0, -1.0, float("inf"), float("nan"), "2.5"]),
+        "capacity_factor": pick([None, 0.5, 1.25, 4], [0.0, -1.0, "1"]),
+        "dispatch": pick(["loop", "sorted", "grouped"], ["fast"]),
+        "bias_update_speed": pick([0.0, 1e-3, 0.5], [-1e-3]),
+        "bias_update": pick(["step", "forward", "none"], ["epoch"]),
+        "aux_loss": pick(["none", "expert", "sequence", "batch", "device"], ["z_loss"]),
+        "aux_loss_alpha": pick([0.0, 0.1], [-0.1]),
+        "aux_loss_devices": ints(1, 4),
+        "aux_loss_inject": pick([True, False], [0]),
+    })
+
+
+def test_random_configs_are_accepted_exactly_when_valid_and_errors_name_an_invalid_field():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=600, deadline=None, derandomize=True)
+    @given(st.one_of(config_kwargs(valid_only=True), config_kwargs()))
+    def check(kw):
+        bad = invalid_fields(kw)
+        if not bad:
+            assert MoEConfig(**kw).to_dict() == kw
+            return
+        with pytest.raises(ValueError) as err:
+            MoEConfig(**kw)
+        match = re.fullmatch(r"MoEConfig\.(\w+)=(.*) is invalid: expected (.+)\.", str(err.value), re.S)
+        assert match, str(err.value)
+        field, value = match.group(1), match.group(2)
+        assert field in bad, (field, bad)
+        assert value == repr(kw[field])
+
+    check()
+
+
+def test_config_strategy_explores_valid_and_invalid_configurations():
+    from hypothesis import given, settings
+
+    seen = {"valid": 0, "invalid": 0}
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(config_kwargs(valid_only=True))
+    def count(kw):
+        seen["invalid" if invalid_fields(kw) else "valid"] += 1
+
+    count()
+    assert seen["valid"] >= 30 and seen["invalid"] >= 30, seen

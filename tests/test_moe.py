@@ -180,3 +180,79 @@ def test_output_keeps_input_dtype_and_shape():
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     out = layer(x)
     assert out.dtype == torch.float64 and out.shape == x.shape
+
+
+# --- property-based: random valid layers and bad inputs (hypothesis) --------------------------------
+
+def valid_layer_configs():
+    """A strategy of valid MoEConfigs built constructively (groups x experts per group)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw):
+        n_groups, per_group = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        topk_groups = draw(st.integers(1, n_groups))
+        top_k = draw(st.integers(1, topk_groups * per_group))
+        score_func = draw(st.sampled_from(["sigmoid", "softmax"]))
+        group_score = draw(st.sampled_from(["auto", "top2_sum", "max"]))
+        if per_group < 2 and topk_groups < n_groups:
+            group_score = "max"  # the top-2-sum group score needs two experts per group
+        return tiny_cfg(
+            d_model=draw(st.sampled_from([4, 8])), d_expert=draw(st.sampled_from([2, 6])),
+            n_routed=n_groups * per_group, n_groups=n_groups, topk_groups=topk_groups, top_k=top_k,
+            n_shared=draw(st.integers(0, 2)), score_func=score_func, group_score=group_score,
+            norm_topk_prob=draw(st.booleans()), route_scale=draw(st.sampled_from([1.0, 2.5, 16.0])),
+            capacity_factor=draw(st.sampled_from([None, 0.5, 1.5])),
+            dispatch=draw(st.sampled_from(["loop", "sorted", "grouped"])),
+            bias_update=draw(st.sampled_from(["step", "forward", "none"])),
+            aux_loss=draw(st.sampled_from(["none", "expert", "sequence", "batch", "device"])),
+            aux_loss_alpha=0.1, aux_loss_devices=n_groups)
+    return build()
+
+
+def test_random_valid_layers_run_forward_and_backward_with_finite_results():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(valid_layer_configs(), st.sampled_from([(0,), (1,), (7,), (2, 5), (3, 0), (1, 1, 4)]),
+           st.booleans())
+    def check(cfg, lead_shape, training):
+        layer = make_layer(cfg, bias_scale=0.3).train(training)
+        x = torch.randn(*lead_shape, cfg.d_model, requires_grad=True)
+        y = layer(x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        (y * torch.randn_like(y)).sum().backward()
+        assert torch.isfinite(x.grad).all()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+        if training:
+            assert torch.isfinite(layer.aux_loss)
+        assert torch.isfinite(layer.gate.correction_bias).all()
+
+    check()
+
+
+def test_random_bad_inputs_fail_with_a_clear_error():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    layer = DeepSeekMoE(tiny_cfg())
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(st.lists(st.integers(0, 4), min_size=0, max_size=3), st.integers(1, 40),
+           st.sampled_from(["width", "dtype", "nan", "inf"]))
+    def check(lead_shape, width, fault):
+        if fault == "width":
+            width = width if width != 16 else 17
+            with pytest.raises(ValueError, match=re.escape(f"[..., d_model=16], got {(*lead_shape, width)}")):
+                layer(torch.randn(*lead_shape, width))
+        elif fault == "dtype":
+            with pytest.raises(TypeError, match="floating-point input"):
+                layer(torch.ones(*lead_shape, 16, dtype=torch.int32))
+        else:
+            x = torch.randn(*[max(n, 1) for n in lead_shape], 3, 16)
+            x.view(-1, 16)[-1, width % 16] = float(fault)
+            with pytest.raises(FloatingPointError, match="NaN or inf"):
+                layer(x)
+
+    check()

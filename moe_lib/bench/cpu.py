@@ -1,7 +1,5 @@
-"""Benchmarks: ``python -m moe_lib.bench cpu`` (one subcommand per benchmark).
-
-cpu: the MoE layer at the book's reference config (`presets.BOOK`) on T tokens in float32, our
-dispatch paths against transformers' `DeepseekV3MoE` experts implementations, all with the same
+"""``python -m moe_lib.bench cpu``: the MoE layer at the book's reference config (`presets.BOOK`) on T
+tokens in float32, our dispatch paths against transformers' `DeepseekV3MoE` experts implementations, all with the same
 weights, in one process. Every repetition visits every implementation in turn (the order rotates),
 so a slower moment of the machine hits them all alike; we report medians after warm-up rounds.
 
@@ -30,12 +28,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import kernels
-from .accounting import moe_flops_per_token
-from .balance import update_bias
-from .config import MoEConfig
-from .moe import DeepSeekMoE
-from .presets import BOOK
+from .. import kernels
+from ..accounting import moe_flops_per_token
+from ..balance import update_bias
+from ..config import MoEConfig
+from ..moe import DeepSeekMoE
+from ..presets import BOOK
 
 OURS = ("loop", "sorted", "grouped")
 TRANSFORMERS = ("eager", "grouped_mm", "batched_mm")
@@ -62,7 +60,7 @@ def build_layers(cfg: MoEConfig, tokens: int, seed: int) -> tuple[dict[str, torc
     The correction bias is random and non-zero so that it takes part in the selection.
     Returns the layers (eval mode) and {name: reason} for implementations left out.
     """
-    from .interop import to_transformers
+    from ..interop import to_transformers
 
     torch.manual_seed(seed)
     reference = DeepSeekMoE(cfg)
@@ -298,9 +296,8 @@ def run_cpu(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moe_lib.bench", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_parser(commands) -> None:
+    """Register `python -m moe_lib.bench cpu`."""
     cpu = commands.add_parser("cpu", help="the MoE layer on CPU against transformers' DeepseekV3MoE")
     cpu.add_argument("--tokens", type=int, default=4096, help="tokens per forward (default 4096)")
     cpu.add_argument("--reps", type=int, default=20, help="timed rounds (default 20)")
@@ -309,9 +306,3 @@ def main(argv: list[str] | None = None) -> None:
     cpu.add_argument("--seed", type=int, default=0)
     cpu.add_argument("--out", default="benchmarks/cpu.json", help="JSON output path")
     cpu.set_defaults(run=run_cpu)
-    args = parser.parse_args(argv)
-    args.run(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -33,8 +33,8 @@ import warnings
 import torch
 from torch import nn
 
-from .config import MoEConfig
-from .moe import DeepSeekMoE
+from ..config import MoEConfig
+from ..moe import DeepSeekMoE
 
 _WEIGHTS = ("gate.weight", "experts.gate_up_proj", "experts.down_proj")
 _SHARED_WEIGHTS = ("shared_experts.gate_proj.weight", "shared_experts.up_proj.weight",

@@ -1,0 +1,29 @@
+"""Benchmarks, one module per command: ``python -m moe_lib.bench {cpu,train,mtp,ep,gpu}``.
+
+Each module defines `add_parser(commands)`, which registers its subcommand and sets `run`, a function
+of the parsed arguments. `main` lists the modules in `COMMANDS`; a module that is not there yet is
+simply not offered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+COMMANDS = ("cpu", "train", "mtp", "ep", "gpu")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m moe_lib.bench",
+                                     description="Benchmarks of moe_lib; each writes JSON under benchmarks/.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            continue
+        module.add_parser(commands)
+    args = parser.parse_args(argv)
+    args.run(args)
