@@ -7,12 +7,14 @@ up to noise; with skew around 2 a plain top-k router starves half of the experts
 Training demos: `train_toy_moe` trains one `DeepSeekMoE` layer on a small regression teacher
 (`ToyTask`) and records the expert loads, to show routing collapse and its cures.
 `future_dependence` shows why the loss-free bias is computed from the previous batch's load.
+`balanced_routing_lp` solves the relaxed balanced routing exactly, for the dual reading of the bias.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -169,3 +171,45 @@ def future_dependence(source: str, n_tokens: int = 512, n_experts: int = 16, top
         return chosen_TK.sort(dim=-1).values
 
     return (first_half_choice(scores_TE) != first_half_choice(redrawn_TE)).any(dim=-1)
+
+
+@dataclass
+class BalancedRouting:
+    """The optimum of the relaxed balanced routing: value, assignment x [T, E], prices b [E]."""
+
+    value: float
+    assignment: torch.Tensor
+    prices: torch.Tensor
+
+
+def balanced_routing_lp(scores_TE: torch.Tensor, top_k: int) -> BalancedRouting:
+    """Best routing of T tokens to K experts each with every expert at exactly T K / E tokens.
+
+        max_x  sum_{t,i} x_{i,t} s_{i,t}
+        s.t.   sum_i x_{i,t} = K  (each token),   sum_t x_{i,t} = T K / E  (each expert),   0 <= x <= 1
+
+    a transportation LP, solved with HiGHS (`scipy.optimize.linprog`). Its constraint matrix is totally
+    unimodular, so the optimal x is 0/1: the LP value is the best balanced routing itself.
+    `prices` are the multipliers b of the expert constraints (defined up to a common shift): by strong
+    duality the dual function g(b) = sum_t TopKSum(s_t + b) - (T K / E) sum_i b_i equals `value` there.
+    Meant for small instances (a few hundred tokens); scipy is imported here, not at module level.
+    """
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix, vstack
+
+    n_tokens, n_experts = scores_TE.shape
+    if not 0 < top_k <= n_experts or (n_tokens * top_k) % n_experts:
+        raise ValueError(f"top_k={top_k!r} is invalid: expected 0 < top_k <= {n_experts} with "
+                         f"T*top_k divisible by E (T={n_tokens}, E={n_experts})")
+    pairs = np.arange(n_tokens * n_experts)  # pair (t, i) is column t * E + i
+    ones = np.ones(pairs.size)
+    a_eq = vstack([coo_matrix((ones, (pairs // n_experts, pairs)), shape=(n_tokens, pairs.size)),
+                   coo_matrix((ones, (pairs % n_experts, pairs)), shape=(n_experts, pairs.size))])
+    b_eq = np.concatenate([np.full(n_tokens, top_k), np.full(n_experts, n_tokens * top_k // n_experts)])
+    scores = scores_TE.detach().double().cpu().numpy().reshape(-1)
+    result = linprog(-scores, A_eq=a_eq.tocsr(), b_eq=b_eq, bounds=(0, 1), method="highs")
+    if result.status != 0:
+        raise RuntimeError(f"the balanced-routing LP was not solved: {result.message}")
+    return BalancedRouting(value=-result.fun,
+                           assignment=torch.from_numpy(result.x.reshape(n_tokens, n_experts)),
+                           prices=torch.from_numpy(result.eqlin.marginals[n_tokens:].copy()))

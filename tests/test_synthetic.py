@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from moe_lib.balance import load_cv, loss_free_bias_update, max_vio
-from moe_lib.synthetic import simulate_loss_free, skewed_logits
+from moe_lib.router import router_scores
+from moe_lib.synthetic import balanced_routing_lp, simulate_loss_free, skewed_logits
 
 
 def test_skewed_logits_prefer_the_first_experts():
@@ -62,3 +65,46 @@ def test_sign_and_proportional_updates_balance(score_func, gamma, update):
 def test_unknown_update_rule_raises():
     with pytest.raises(ValueError, match="update='multiplicative' is invalid"):
         simulate_loss_free(update="multiplicative", steps=1)
+
+
+def _dual(scores_TE, bias_E, top_k):
+    """g(b) = sum_t (sum of the top-k of s_t + b) - (T k / E) sum_i b_i, written out per token."""
+    n_tokens, n_experts = scores_TE.shape
+    total = 0.0
+    for row in (scores_TE + bias_E).tolist():
+        total += sum(sorted(row, reverse=True)[:top_k])
+    return total - n_tokens * top_k / n_experts * float(bias_E.sum())
+
+
+@pytest.mark.parametrize("n_tokens, n_experts, top_k", [(6, 3, 1), (4, 4, 2)])
+def test_balanced_routing_lp_is_the_best_balanced_routing_by_enumeration(n_tokens, n_experts, top_k):
+    scores = torch.rand(n_tokens, n_experts, generator=torch.Generator().manual_seed(n_experts),
+                        dtype=torch.float64)
+    fair = n_tokens * top_k // n_experts
+    choices = list(itertools.combinations(range(n_experts), top_k))
+    best = max(sum(float(scores[t, list(c)].sum()) for t, c in enumerate(routing))
+               for routing in itertools.product(choices, repeat=n_tokens)
+               if all(sum(i in c for c in routing) == fair for i in range(n_experts)))
+    lp = balanced_routing_lp(scores, top_k)
+    assert lp.value == pytest.approx(best, abs=1e-9)
+    x = lp.assignment
+    assert torch.allclose(x, x.round(), atol=1e-9), "a transportation LP has a 0/1 optimum"
+    assert torch.allclose(x.sum(1), torch.full((n_tokens,), float(top_k), dtype=x.dtype))
+    assert torch.allclose(x.sum(0), torch.full((n_experts,), float(fair), dtype=x.dtype))
+    assert float((x * scores).sum()) == pytest.approx(lp.value, abs=1e-9)
+
+
+def test_balanced_routing_lp_prices_close_the_duality_gap():
+    gen = torch.Generator().manual_seed(0)
+    scores = router_scores(skewed_logits(64, 8, skew=2.0, generator=gen), "sigmoid").double()
+    lp = balanced_routing_lp(scores, top_k=2)
+    assert _dual(scores, lp.prices, 2) == pytest.approx(lp.value, rel=1e-9)      # strong duality
+    assert _dual(scores, lp.prices + 0.3, 2) == pytest.approx(lp.value, rel=1e-9)  # shift-invariant
+    assert _dual(scores, -lp.prices, 2) > lp.value + 1.0                         # the sign matters
+    for _ in range(20):                                                          # weak duality
+        assert _dual(scores, 0.2 * torch.randn(8, generator=gen, dtype=torch.float64), 2) >= lp.value - 1e-9
+
+
+def test_balanced_routing_lp_rejects_an_uneven_fair_share():
+    with pytest.raises(ValueError, match="top_k=1 is invalid"):
+        balanced_routing_lp(torch.rand(5, 3), top_k=1)

@@ -46,3 +46,10 @@ def test_live_draws_into_its_output_widget_and_redraws_on_change():
     slider.value = 4
     assert len(output.outputs) == 1
     assert output.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"][0]["y"] == [4, 1]
+
+
+def test_live_shows_every_control_label_in_full():
+    slider = widgets.FloatLogSlider(value=1.0, base=2, min=-1, max=1, description="temperature")
+    box = widgets.Checkbox(value=True, description="normalise")
+    live(lambda k, flag: bars(int(k)), k=slider, flag=box)
+    assert slider.style.description_width == box.style.description_width == "initial"

@@ -48,7 +48,7 @@ def live(make_figure: Callable[..., go.Figure], **controls):
     `controls` maps parameter names of `make_figure` to ipywidgets controls. The figure goes into
     an `Output` widget (no FigureWidget, which is unreliable in Colab) as the widget's own
     display data: not printed through `fig.show()` (plotly publishes straight to the cell), so
-    executing a notebook stores only the widget placeholder.
+    executing a notebook stores only the widget placeholder. Each control's label is shown in full.
     Return value: the panel (leave it as the cell's last expression to display it).
     """
     import ipywidgets as widgets
@@ -61,6 +61,7 @@ def live(make_figure: Callable[..., go.Figure], **controls):
                            "metadata": {}},)
 
     for control in controls.values():
+        control.style.description_width = "initial"  # the default width cuts off labels longer than ~10 chars
         control.observe(redraw, names="value")
     redraw()
     return widgets.VBox([widgets.HBox(list(controls.values())), output])
