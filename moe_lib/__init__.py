@@ -6,7 +6,9 @@ from .experts import Expert, RoutedExperts
 from .model import ModelConfig, Transformer, generate
 from .moe import DeepSeekMoE, RoutingStats
 from .router import Router, Routing, route
+from .train.checkpoint import load_checkpoint
 
 __all__ = ["DeepSeekMoE", "Expert", "LoadMonitor", "MoEConfig", "ModelConfig", "RoutedExperts", "Router",
-           "Routing", "RoutingStats", "Transformer", "generate", "route", "update_bias"]
+           "Routing", "RoutingStats", "Transformer", "generate", "load_checkpoint", "route",
+           "update_bias"]
 __version__ = "0.1.0"
