@@ -11,6 +11,8 @@ from moe_lib.router import route
 from moe_lib.viz.segmentation import (
     BASE,
     combinations_figure,
+    cost_rows,
+    cost_table,
     group_routing_figure,
     groups_touched,
     groups_touched_figure,
@@ -98,3 +100,22 @@ def test_model_breakdown_figure_adds_up_to_the_model_counts():
     assert math.isclose(total, counts["total"] / 1e9, abs_tol=0.02)
     routed_active = 58 * moe_params(DEEPSEEK_V3_MODEL.moe).active_routed / 1e9
     assert fig.data[0].y[1] == round(routed_active, 2)
+
+
+def test_cost_rows_count_tokens_gemms_copies_and_intensity_by_hand():
+    rows = cost_rows([1, 4], n_tokens=4096, d_model=64, d_ff=256, n_experts=8, top_k=2)
+    one, four = rows
+    assert (one["width"], four["width"]) == (256, 64)
+    assert one["tokens per expert"] == four["tokens per expert"] == 4096 * 2 / 8
+    assert (one["expert GEMMs"], four["expert GEMMs"]) == (3 * 8, 3 * 32)
+    assert (one["token copies"], four["token copies"]) == (4096 * 2, 4096 * 8)
+    n, h, i = 1024, 64, 64  # m = 4: 1024 tokens per expert, width 64, bf16
+    assert four["flop per byte"] == 2 * n * h * i / (2 * (h * i + n * h + n * i))
+    assert four["flop per byte"] < one["flop per byte"]
+    table = cost_table(rows)
+    assert table.count("\n") == 3 and "| 4 | 64 | 1024 |" in table
+
+
+def test_cost_rows_with_a_shared_expert_route_fewer_copies():
+    (row,) = cost_rows([2], n_tokens=100, n_shared=1, d_model=8, d_ff=16, n_experts=4, top_k=2)
+    assert row["token copies"] == 100 * 3 and row["tokens per expert"] == 100 * 3 / 7

@@ -51,6 +51,37 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_rows(ms: Sequence[int], n_tokens: int, n_shared: int = 0, bytes_per_value: int = 2,
+              **base) -> list[dict]:
+    """What segmentation changes at equal parameters and FLOPs, for a batch of `n_tokens` tokens.
+
+    Per m: the routed experts' width I, the mean tokens per routed expert n = T K' / N', the expert
+    GEMMs per layer (3 per routed expert), the token copies dispatched to routed experts (T K'), and
+    the arithmetic intensity of one routed expert's gate projection, 2 n H I FLOPs over the
+    (H I + n H + n I) values of `bytes_per_value` bytes it reads and writes (weights, inputs, outputs).
+    """
+    rows = []
+    for r in segmentation_rows(ms, n_shared, **base):
+        cfg = r["cfg"]
+        h, width = cfg.d_model, cfg.d_expert
+        per_expert = n_tokens * cfg.top_k / cfg.n_routed
+        moved = bytes_per_value * (h * width + per_expert * h + per_expert * width)
+        rows.append({"m": r["m"], "width": width, "tokens per expert": per_expert,
+                     "expert GEMMs": 3 * cfg.n_routed, "token copies": n_tokens * cfg.top_k,
+                     "flop per byte": 2 * per_expert * h * width / moved})
+    return rows
+
+
+def cost_table(rows: Sequence[dict]) -> str:
+    """`cost_rows` as a Markdown table."""
+    lines = ["| m | expert width | tokens per expert | expert GEMMs per layer | token copies dispatched "
+             "| FLOP per byte (gate projection) |", "|" + "---:|" * 6]
+    for r in rows:
+        lines.append(f"| {r['m']} | {r['width']} | {r['tokens per expert']:g} | {r['expert GEMMs']} "
+                     f"| {r['token copies']:,} | {r['flop per byte']:.0f} |")
+    return "\n".join(lines)
+
+
 def combinations_figure(ms: Sequence[int], n_experts: int = 16, top_k: int = 2) -> go.Figure:
     """log10 of C(mN, mK) against the segmentation factor m."""
     counts = [n_combinations(m * n_experts, m * top_k) for m in ms]
