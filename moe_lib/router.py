@@ -46,20 +46,24 @@ def router_scores(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor:
     raise ValueError(f"score_func={score_func!r} is invalid: expected 'softmax' or 'sigmoid'.")
 
 
-def group_scores(choice_TE: torch.Tensor, n_groups: int, group_score: str) -> torch.Tensor:
-    """Score of each expert group, [T, G]: sum of its top-2 (V3) or its maximum (V2)."""
-    grouped_TGe = choice_TE.view(choice_TE.shape[0], n_groups, -1)
-    if group_score == "top2_sum":
-        return grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+def group_scores(choice_TE: torch.Tensor, n_groups: int, group_score: str,
+                 per_group: int = 2) -> torch.Tensor:
+    """Score of each expert group, [T, G]: the sum of its top 2 (V3), its maximum (V2), or the sum
+    of its top `per_group` ("topk_sum": V3's node-limited routing scores a node by the sum of its
+    K/M highest affinities; with K = 8, M = 4 nodes that is the top-2 sum)."""
+    grouped_TGe = choice_TE.view(choice_TE.shape[0], n_groups, choice_TE.shape[1] // n_groups)
+    if group_score in ("top2_sum", "topk_sum"):
+        k = 2 if group_score == "top2_sum" else per_group
+        return grouped_TGe.topk(k, dim=-1).values.sum(dim=-1)
     if group_score == "max":
         return grouped_TGe.amax(dim=-1)
-    raise ValueError(f"group_score={group_score!r} is invalid: expected 'top2_sum' or 'max'.")
+    raise ValueError(f"group_score={group_score!r} is invalid: expected 'top2_sum', 'topk_sum' or 'max'.")
 
 
 def kept_groups(choice_TE: torch.Tensor, n_groups: int, topk_groups: int,
-                group_score: str = "top2_sum") -> torch.Tensor:
+                group_score: str = "top2_sum", per_group: int = 2) -> torch.Tensor:
     """[T, G] bool: the `topk_groups` best-scoring expert groups of each token (V2/V3 group limit)."""
-    keep_TG = group_scores(choice_TE, n_groups, group_score).topk(topk_groups, dim=-1).indices
+    keep_TG = group_scores(choice_TE, n_groups, group_score, per_group).topk(topk_groups, dim=-1).indices
     return torch.zeros(choice_TE.shape[0], n_groups, dtype=torch.bool,
                        device=choice_TE.device).scatter_(1, keep_TG, True)
 
@@ -69,12 +73,15 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: 
                    group_score: str = "top2_sum") -> torch.Tensor:
     """Indices [T, K] of the chosen experts: top-k of s + b inside the best `topk_groups` groups.
 
+    The groups are contiguous blocks of experts: expert groups, or the nodes (V3's node-limited
+    routing, "topk_sum" scores with K/M = top_k // topk_groups per group) or devices (V2's
+    device-limited routing, "max" scores) that expert parallelism places them on.
     Experts outside the kept groups are masked with -inf, not 0: s + b can be negative.
     """
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
     if topk_groups < n_groups:
-        keep_TE = kept_groups(choice_TE, n_groups, topk_groups, group_score).repeat_interleave(
-            choice_TE.shape[1] // n_groups, dim=1)
+        keep_TG = kept_groups(choice_TE, n_groups, topk_groups, group_score, max(top_k // topk_groups, 1))
+        keep_TE = keep_TG.repeat_interleave(choice_TE.shape[1] // n_groups, dim=1)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
     return choice_TE.topk(top_k, dim=-1).indices
 
@@ -96,8 +103,7 @@ def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) 
     scores_TE = router_scores(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)),
                               cfg.score_func)
     with torch.no_grad():
-        indices_TK = select_experts(scores_TE, bias_E, cfg.top_k, cfg.n_groups, cfg.topk_groups,
-                                    cfg.resolved_group_score)
+        indices_TK = select_experts(scores_TE, bias_E, cfg.top_k, *cfg.selection_groups)
     weights_TK = combine_weights(scores_TE, indices_TK, cfg.norm_topk_prob, cfg.route_scale)
     return Routing(indices_TK, weights_TK, scores_TE)
 

@@ -108,8 +108,10 @@ def test_published_presets_match_the_papers():
 
 # --- property-based: random valid and invalid configurations (hypothesis) ---------------------------
 
-INT_FIELDS = ("d_model", "d_expert", "n_routed", "top_k", "n_groups", "topk_groups", "aux_loss_devices")
-ENUMS = {"score_func": ("softmax", "sigmoid"), "group_score": ("auto", "top2_sum", "max"),
+INT_FIELDS = ("d_model", "d_expert", "n_routed", "top_k", "n_groups", "topk_groups", "aux_loss_devices",
+              "limit_units", "limit_max")
+ENUMS = {"score_func": ("softmax", "sigmoid"), "group_score": ("auto", "top2_sum", "max", "topk_sum"),
+         "route_limit": ("none", "node", "device"),
          "dispatch": ("loop", "sorted", "grouped"), "bias_update": ("step", "forward", "none"),
          "aux_loss": ("none", "expert", "sequence", "batch", "device")}
 
@@ -152,9 +154,30 @@ def invalid_fields(kw: dict) -> set[str]:
                 or (kw["group_score"] == "auto" and kw["score_func"] == "sigmoid"))
         if top2 and kg < g and e // g < 2:
             bad.add("n_groups")
+        if kw["group_score"] == "topk_sum" and kg < g and kg > k:
+            bad.add("topk_groups")
+    bad |= route_limit_invalid(kw)
     if "aux_loss_devices" not in bad and e % kw["aux_loss_devices"]:
         bad.add("aux_loss_devices")
     return bad
+
+
+def route_limit_invalid(kw: dict) -> set[str]:
+    """Node/device-limited routing: groups are the units, so n_groups must be 1; M units hold K experts."""
+    if kw["route_limit"] not in ("node", "device") or {"limit_units", "limit_max"} & invalid_ints(kw):
+        return set()
+    e, k, units, m = kw["n_routed"], kw["top_k"], kw["limit_units"], kw["limit_max"]
+    if kw["n_groups"] != 1:
+        return {"n_groups"}
+    if e % units:
+        return {"limit_units"}
+    if m > units or m * (e // units) < k or (kw["route_limit"] == "node" and m > k):
+        return {"limit_max"}
+    return set()
+
+
+def invalid_ints(kw: dict) -> set[str]:
+    return {f for f in INT_FIELDS if not (_int(kw[f]) and kw[f] >= 1)}
 
 
 def config_kwargs(valid_only: bool = False):
@@ -172,7 +195,9 @@ def config_kwargs(valid_only: bool = False):
         "n_routed": ints(1, 12), "top_k": ints(1, 6), "n_groups": ints(1, 6), "topk_groups": ints(1, 6),
         "n_shared": pick([0, 1, 2], [-1, 1.5]),
         "score_func": pick(["sigmoid", "softmax"], ["relu"]),
-        "group_score": pick(["auto", "top2_sum", "max"], ["mean"]),
+        "group_score": pick(["auto", "top2_sum", "max", "topk_sum"], ["mean"]),
+        "route_limit": pick(["none"] * 6 + ["node", "device"], ["rack"]),
+        "limit_units": ints(1, 4), "limit_max": ints(1, 3),
         "norm_topk_prob": pick([True, False], [1, None]),
         "route_scale": pick([1.0, 2.5, 16], [0.0, -1.0, float("inf"), float("nan"), "2.5"]),
         "capacity_factor": pick([None, 0.5, 1.25, 4], [0.0, -1.0, "1"]),

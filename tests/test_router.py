@@ -218,3 +218,95 @@ def test_kept_groups_picks_best_groups_and_bounds_the_selection():
     indices_TK = select_experts(scores_TE, None, 3, n_groups=4, topk_groups=2)
     keep_TG = kept_groups(scores_TE, 4, 2)
     assert keep_TG.gather(1, indices_TK // 4).all()  # every chosen expert lies in a kept group
+
+
+# --- node-limited (V3) and device-limited (V2) routing ------------------------------------------------
+
+
+def reference_limited(logits_TE, bias_E, top_k, units, max_units, unit_score):
+    """Per token in float64 Python: keep the best `max_units` blocks of experts, then the top-k.
+
+    unit_score "node": a block's score is the sum of its top K/M biased scores (V3 Sec. 2.1.2);
+    "device": its highest biased score (V2 Sec. 2.1.3).
+    """
+    per_unit = logits_TE.shape[1] // units
+    chosen = []
+    for logits in logits_TE.double().tolist():
+        c = [1 / (1 + math.exp(-v)) + (0.0 if bias_E is None else float(bias_E[i]))
+             for i, v in enumerate(logits)]
+        blocks = [sorted(c[u * per_unit:(u + 1) * per_unit], reverse=True) for u in range(units)]
+        score = [sum(b[:top_k // max_units]) if unit_score == "node" else b[0] for b in blocks]
+        kept = sorted(range(units), key=lambda u: -score[u])[:max_units]
+        candidates = [i for i in range(len(c)) if i // per_unit in kept]
+        chosen.append(sorted(candidates, key=lambda i: -c[i])[:top_k])
+    return torch.tensor(chosen)
+
+
+@pytest.mark.parametrize("limit, units, max_units, top_k", [
+    ("node", 4, 2, 6),     # nodes scored by their top-3 sum (K/M = 3, not V3's 2)
+    ("node", 8, 3, 6),     # K/M = 2 (floor), 3 of 8 nodes
+    ("node", 4, 1, 4),     # one node per token: its top-4 sum
+    ("device", 8, 3, 6),   # V2: 3 of 8 devices by their best expert
+    ("device", 4, 2, 5),
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_limited_routing_matches_per_token_reference(limit, units, max_units, top_k, with_bias):
+    cfg = MoEConfig(d_model=8, d_expert=4, n_routed=32, top_k=top_k, route_limit=limit,
+                    limit_units=units, limit_max=max_units)
+    logits_TE = 2 * torch.randn(64, 32)
+    bias_E = 0.3 * torch.randn(32) if with_bias else None
+    routing = route(logits_TE, bias_E, cfg)
+    expected = reference_limited(logits_TE, bias_E, top_k, units, max_units,
+                                 "node" if limit == "node" else "device")
+    assert torch.equal(routing.indices, expected)
+    units_per_token = [len(set(row)) for row in (routing.indices // (32 // units)).tolist()]
+    assert max(units_per_token) <= max_units
+    assert min(units_per_token) >= 1
+
+
+def test_node_limit_with_k_over_m_two_is_v3_group_routing():
+    """V3's 8 groups / 4 kept with top-2 sums ARE node-limited routing on 8 nodes, M = 4, K = 8."""
+    logits_TE, bias_E = torch.randn(128, 64), 0.1 * torch.randn(64)
+    groups = MoEConfig(d_model=8, d_expert=4, n_routed=64, top_k=8, n_groups=8, topk_groups=4)
+    nodes = groups.replace(n_groups=1, topk_groups=1, route_limit="node", limit_units=8, limit_max=4)
+    assert torch.equal(route(logits_TE, bias_E, groups).indices, route(logits_TE, bias_E, nodes).indices)
+    assert nodes.selection_groups == (8, 4, "topk_sum") and groups.selection_groups == (8, 4, "top2_sum")
+
+
+def test_topk_sum_group_score_sums_the_top_k_over_m():
+    choice_TE = torch.tensor([[0.9, 0.1, 0.1, 0.5, 0.5, 0.5]])   # 2 groups of 3
+    top3, top1 = (group_scores(choice_TE, 2, "topk_sum", per_group=k) for k in (3, 1))
+    torch.testing.assert_close(top3, torch.tensor([[1.1, 1.5]]))
+    torch.testing.assert_close(top1, torch.tensor([[0.9, 0.5]]))
+    # K = 3, M = 1: the group with the best top-3 sum wins although the best expert lies elsewhere
+    assert sorted(select_experts(choice_TE, None, 3, 2, 1, "topk_sum").tolist()[0]) == [3, 4, 5]
+    assert select_experts(choice_TE, None, 3, 2, 1, "max").tolist()[0][0] == 0
+
+
+def test_limited_routing_runs_in_the_layer_without_expert_parallelism():
+    from moe_lib import DeepSeekMoE
+
+    cfg = MoEConfig(d_model=16, d_expert=8, n_routed=16, n_shared=1, top_k=4, dispatch="sorted",
+                    route_limit="node", limit_units=4, limit_max=2)
+    layer = DeepSeekMoE(cfg)
+    x = torch.randn(50, 16, requires_grad=True)
+    layer(x).square().sum().backward()
+    nodes_TK = layer.last_routing.indices // 4
+    assert max(len(set(row)) for row in nodes_TK.tolist()) <= 2
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(route_limit="rack"), "route_limit"),
+    (dict(route_limit="node", limit_units=4, limit_max=2, n_groups=2, topk_groups=1), "n_groups"),
+    (dict(route_limit="node", limit_units=3, limit_max=2), "limit_units"),
+    (dict(route_limit="device", limit_units=4, limit_max=5), "limit_max"),
+    (dict(route_limit="device", limit_units=8, limit_max=1), "limit_max"),   # 1 device x 2 < top_k 4
+    (dict(route_limit="node", limit_units=2, limit_max=2, top_k=1), "limit_max"),  # K/M = 0 terms
+    (dict(route_limit="node", limit_units=0), "limit_units"),
+    (dict(n_groups=4, topk_groups=3, top_k=2, group_score="topk_sum"), "topk_groups"),
+])
+def test_limit_options_are_validated(changes, field):
+    base = dict(d_model=8, d_expert=4, n_routed=16, top_k=4)
+    with pytest.raises(ValueError, match=rf"MoEConfig\.{field}=.* is invalid: expected "):
+        MoEConfig(**{**base, **changes})
