@@ -64,8 +64,8 @@ class MLA(nn.Module):
         if cache is None:
             o_BSNV = self.attend_full(q_nope_BSND, q_rope_BSNR, latent_BSC, k_rope_BSR)
         else:
-            latent_BTC, k_rope_BTR = cache.write(layer, latent_BSC, k_rope_BSR)
-            o_BSNV = self.attend_absorbed(q_nope_BSND, q_rope_BSNR, latent_BTC, k_rope_BTR)
+            kv_BTF = cache.write(layer, latent_BSC, k_rope_BSR)
+            o_BSNV = self.attend_absorbed(q_nope_BSND, q_rope_BSNR, kv_BTF)
         return linear(o_BSNV.flatten(2), self.o_proj.weight)
 
     def queries(self, x_BSH: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,25 +95,26 @@ class MLA(nn.Module):
         q_BNSK = torch.cat((q_nope_BSND, q_rope_BSNR), dim=-1).transpose(1, 2)
         k_rope_BSNR = k_rope_BSR.unsqueeze(2).expand(-1, -1, cfg.n_heads, -1)
         k_BNSK = torch.cat((k_nope_BSND, k_rope_BSNR), dim=-1).transpose(1, 2)
-        o_BNSV = F.scaled_dot_product_attention(q_BNSK, k_BNSK, v_BSNV.transpose(1, 2), is_causal=True,
-                                                scale=self.scale)
-        return o_BNSV.transpose(1, 2)
+        # values zero-padded to the key width: torch's fused CPU kernel needs equal widths
+        v_BNSK = F.pad(v_BSNV, (0, max(0, cfg.qk_head_dim - cfg.v_head_dim))).transpose(1, 2)
+        o_BNSK = F.scaled_dot_product_attention(q_BNSK, k_BNSK, v_BNSK, is_causal=True, scale=self.scale)
+        return o_BNSK[..., :cfg.v_head_dim].transpose(1, 2)
 
     def attend_absorbed(self, q_nope_BSND: torch.Tensor, q_rope_BSNR: torch.Tensor,
-                        latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor) -> torch.Tensor:
-        """Attention of S new queries over T >= S cached tokens (the last S are the new ones),
-        computed on the latent with W_UK and W_UV absorbed: [B, S, n_h, d_v]."""
+                        kv_BTF: torch.Tensor) -> torch.Tensor:
+        """Attention of S new queries over T >= S cached tokens (the last S are the new ones), on
+        the cache kv [B, T, C+R] = [latent ; rope key], with W_UK and W_UV absorbed: [B, S, n_h, d_v]."""
         cfg = self.cfg
         w_ukv_NFC = self.kv_b_proj.weight.unflatten(0, (cfg.n_heads, -1))
         w_uk_NDC, w_uv_NVC = w_ukv_NFC.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
         q_lat_BSNC = torch.einsum("bsnd,ndc->bsnc", q_nope_BSND, w_uk_NDC)
-        q_BNSK = torch.cat((q_lat_BSNC, q_rope_BSNR), dim=-1).transpose(1, 2)
-        k_B1TK = torch.cat((latent_BTC, k_rope_BTR), dim=-1).unsqueeze(1)
-        n_new, n_all = q_BNSK.shape[2], k_B1TK.shape[2]
+        q_BNSF = torch.cat((q_lat_BSNC, q_rope_BSNR), dim=-1).transpose(1, 2)
+        k_B1TF = kv_BTF.unsqueeze(1)  # one key head shared by all query heads (multi-query attention)
+        n_new, n_all = q_BNSF.shape[2], k_B1TF.shape[2]
         mask_ST = None
         if n_new > 1:  # query i sits at position n_all - n_new + i and sees keys t <= that position
-            t_T = torch.arange(n_all, device=q_BNSK.device)
-            mask_ST = t_T <= (n_all - n_new + torch.arange(n_new, device=q_BNSK.device)).unsqueeze(1)
-        o_lat_BNSC = F.scaled_dot_product_attention(q_BNSK, k_B1TK, latent_BTC.unsqueeze(1),
+            t_T = torch.arange(n_all, device=q_BNSF.device)
+            mask_ST = t_T <= (n_all - n_new + torch.arange(n_new, device=q_BNSF.device)).unsqueeze(1)
+        o_lat_BNSC = F.scaled_dot_product_attention(q_BNSF, k_B1TF, k_B1TF[..., :cfg.kv_lora_rank],
                                                     attn_mask=mask_ST, scale=self.scale, enable_gqa=True)
         return torch.einsum("bnsc,nvc->bsnv", o_lat_BNSC, w_uv_NVC)

@@ -18,6 +18,8 @@ class KVCache:
 
     latent: [n_layers, B, max_seq_len, kv_lora_rank], kv_a_layernorm(c_KV) of each cached token.
     k_rope: [n_layers, B, max_seq_len, qk_rope_head_dim], the rotated shared rope key.
+    Both are views of one tensor `kv` [n_layers, B, max_seq_len, kv_lora_rank + qk_rope_head_dim],
+    which is exactly the key of the absorbed attention (no concatenation per decoding step).
     length: tokens cached so far (the same for every sequence of the batch); the next tokens are
         written at positions length, length+1, ...
     """
@@ -30,10 +32,9 @@ class KVCache:
                             ("qk_rope_head_dim", qk_rope_head_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KVCache {name}={value!r} is invalid: expected a positive integer.")
-        self.latent = torch.zeros(n_layers, batch_size, max_seq_len, kv_lora_rank, dtype=dtype,
-                                  device=device)
-        self.k_rope = torch.zeros(n_layers, batch_size, max_seq_len, qk_rope_head_dim, dtype=dtype,
-                                  device=device)
+        self.kv = torch.zeros(n_layers, batch_size, max_seq_len, kv_lora_rank + qk_rope_head_dim,
+                              dtype=dtype, device=device)
+        self.kv_lora_rank = kv_lora_rank
         self.length = 0
 
     @classmethod
@@ -44,26 +45,33 @@ class KVCache:
                    cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
 
     @property
+    def latent(self) -> torch.Tensor:
+        return self.kv[..., :self.kv_lora_rank]
+
+    @property
+    def k_rope(self) -> torch.Tensor:
+        return self.kv[..., self.kv_lora_rank:]
+
+    @property
     def n_layers(self) -> int:
-        return self.latent.shape[0]
+        return self.kv.shape[0]
 
     @property
     def batch_size(self) -> int:
-        return self.latent.shape[1]
+        return self.kv.shape[1]
 
     @property
     def max_seq_len(self) -> int:
-        return self.latent.shape[2]
+        return self.kv.shape[2]
 
-    def write(self, layer: int, latent_BSC: torch.Tensor,
-              k_rope_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, latent_BSC: torch.Tensor, k_rope_BSR: torch.Tensor) -> torch.Tensor:
         """Store S new tokens of `layer` at positions length .. length+S-1 (`length` is advanced
-        separately, by `advance`, once every layer has written). Returns the layer's cached
-        latents [B, length+S, C] and rope keys [B, length+S, R], new tokens included."""
+        separately, by `advance`, once every layer has written). Returns the layer's cache
+        [B, length+S, C+R] (latent then rope key), new tokens included."""
         end = self.length + latent_BSC.shape[1]
-        self.latent[layer, :, self.length:end] = latent_BSC
-        self.k_rope[layer, :, self.length:end] = k_rope_BSR
-        return self.latent[layer, :, :end], self.k_rope[layer, :, :end]
+        self.kv[layer, :, self.length:end, :self.kv_lora_rank] = latent_BSC
+        self.kv[layer, :, self.length:end, self.kv_lora_rank:] = k_rope_BSR
+        return self.kv[layer, :, :end]
 
     def advance(self, n_tokens: int) -> None:
         """Count `n_tokens` newly written tokens as cached."""
@@ -81,11 +89,11 @@ class KVCache:
 
     def nbytes_per_token(self) -> int:
         """Bytes cached per token of one sequence, all layers: n_layers (C + R) * element size."""
-        return self.n_layers * (self.latent.shape[-1] + self.k_rope.shape[-1]) * self.latent.element_size()
+        return self.n_layers * self.kv.shape[-1] * self.kv.element_size()
 
     def __repr__(self) -> str:
         return (f"KVCache(n_layers={self.n_layers}, batch_size={self.batch_size}, length={self.length}"
-                f", max_seq_len={self.max_seq_len}, dtype={self.latent.dtype})")
+                f", max_seq_len={self.max_seq_len}, dtype={self.kv.dtype})")
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, float]:

@@ -157,13 +157,13 @@ class Transformer(nn.Module):
         if cache is None:
             return 0
         expected = (n_layers, ids_BS.shape[0], cfg.kv_lora_rank, cfg.qk_rope_head_dim)
-        got = (cache.n_layers, cache.batch_size, cache.latent.shape[-1], cache.k_rope.shape[-1])
+        got = (cache.n_layers, cache.batch_size, cache.kv_lora_rank, cache.kv.shape[-1] - cache.kv_lora_rank)
         if got != expected:
             raise ValueError(f"KVCache does not fit: (n_layers, batch, kv_lora_rank, qk_rope_head_dim) = "
                              f"{got}, expected {expected}")
         weight = self.embed_tokens.weight
-        if cache.latent.dtype != weight.dtype or cache.latent.device != weight.device:
-            raise ValueError(f"KVCache holds {cache.latent.dtype} on {cache.latent.device}, the model "
+        if cache.kv.dtype != weight.dtype or cache.kv.device != weight.device:
+            raise ValueError(f"KVCache holds {cache.kv.dtype} on {cache.kv.device}, the model "
                              f"{weight.dtype} on {weight.device}: create it with new_cache() after .to()")
         if start + ids_BS.shape[1] > cache.max_seq_len:
             raise ValueError(f"sequence too long for the cache: {start} cached + {ids_BS.shape[1]} new "
