@@ -185,6 +185,7 @@ def model_config(published: dict, max_seq_len: int | None = None, **moe_override
                          f"which moe_lib does not implement: use at most {limit}")
     fields = {ours: published[key] for key, ours in _MODEL_KEYS.items()}
     fields.update(q_lora_rank=published["q_lora_rank"] or 0, max_seq_len=max_seq_len,
+                  rope_theta=float(published["rope_theta"]), norm_eps=float(published["rms_norm_eps"]),
                   mtp_depth=published.get("num_nextn_predict_layers") or 0, mtp_moe=True,
                   init_std=published.get("initializer_range", 0.02),
                   moe=moe_config(published, **moe_overrides))
