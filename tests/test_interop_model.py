@@ -161,6 +161,10 @@ def test_to_transformers_refuses_what_transformers_cannot_compute():
     capacity = our_model().cfg.moe.replace(capacity_factor=1.0)
     with pytest.raises(ValueError, match="capacity_factor"):
         to_transformers(our_model(moe=capacity))
+    node_limited = our_model().cfg.moe.replace(n_groups=1, topk_groups=1, route_limit="node",
+                                               limit_units=4, limit_max=2)
+    with pytest.raises(ValueError, match="route_limit='node'"):
+        to_transformers(our_model(moe=node_limited))
 
 
 def test_dispatch_by_type():

@@ -26,7 +26,8 @@ softmax scale 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), RMSNorm in float32.
 
 Refused with ValueError (no counterpart on the other side): rope scaling (YaRN) or
 rope_interleave=False, attention_bias, tied embeddings, num_key_value_heads < num_attention_heads,
-attention dropout, and whatever `layer` refuses for the MoE layers (softmax scores, capacity).
+attention dropout, and whatever `layer` refuses for the MoE layers (softmax scores, capacity,
+node/device-limited routing).
 transformers' DeepseekV3ForCausalLM has no MTP modules: `model_to_transformers` refuses a model
 with mtp_depth > 0 unless `drop_mtp=True`. `to_transformers` sets bos/eos/pad token ids to None
 (our model has none, so transformers' `generate` does not stop early).
@@ -123,6 +124,9 @@ def model_to_transformers(model: Transformer, drop_mtp: bool = False) -> nn.Modu
         if moe.cfg.score_func != "sigmoid":
             raise ValueError(f"to_transformers: transformers cannot express score_func="
                              f"{moe.cfg.score_func!r} in a DeepseekV3ForCausalLM (sigmoid only).")
+        if moe.cfg.route_limit != "none":
+            raise ValueError(f"to_transformers: transformers cannot express route_limit="
+                             f"{moe.cfg.route_limit!r} (use n_groups/topk_groups for V3's group limit).")
         _check_expressible(moe)
     weight = model.embed_tokens.weight
     with warnings.catch_warnings():  # n_shared=0: transformers initialises a zero-width MLP
