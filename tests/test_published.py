@@ -262,6 +262,13 @@ def test_missing_shard(copy):
     load_deepseek_layer(copy, 1)  # layer 1 does not need that shard
 
 
+def test_truncated_shard(copy):
+    shard = copy / SHARDS[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{SHARDS[1]} is truncated or corrupted"):
+        load_deepseek_layer(copy, 2)
+
+
 def test_index_and_shards_disagree(copy):
     index = copy / "model.safetensors.index.json"
     gone = "model.layers.1.mlp.experts.5.up_proj.weight"

@@ -119,7 +119,7 @@ class PublishedCheckpoint:
         self.block = _fp8_block(self.config)
         self.read: list[str] = []
         self.shards_opened: set[str] = set()
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, tuple[object, set[str]]] = {}
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor `name` in `dtype`, dequantised with its block scales if it is stored in FP8."""
@@ -156,19 +156,24 @@ class PublishedCheckpoint:
         if name not in self.weight_map:
             raise KeyError(f"{self.path / INDEX_FILE} has no tensor {name!r}")
         shard = self.weight_map[name]
-        handle = self._handles.get(shard) or self._open(shard, name)
-        if name not in handle.keys():
+        handle, names = self._handles.get(shard) or self._open(shard, name)
+        if name not in names:
             raise KeyError(f"the index puts {name!r} in {shard}, but that shard does not hold it")
         self.read.append(name)
         return handle.get_tensor(name)
 
-    def _open(self, shard: str, name: str):
-        from safetensors import safe_open
+    def _open(self, shard: str, name: str) -> tuple[object, set[str]]:
+        """Open `shard` (memory-mapped: nothing is read until a tensor is asked for)."""
+        from safetensors import SafetensorError, safe_open
 
         file = self.path / shard
         if not file.is_file():
             raise FileNotFoundError(f"shard {file} (holding {name!r}) does not exist")
-        self._handles[shard] = safe_open(file, framework="pt", device="cpu")
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except SafetensorError as error:
+            raise ValueError(f"shard {file} is truncated or corrupted: {error}") from None
+        self._handles[shard] = handle, set(handle.keys())
         self.shards_opened.add(shard)
         return self._handles[shard]
 
@@ -218,6 +223,7 @@ def load_deepseek(source: str | Path | PublishedCheckpoint, n_layers: int | None
                   **moe_overrides) -> Transformer:
     """The `Transformer` of a published checkpoint, in eval mode, weights in `dtype`.
 
+    source: the checkpoint directory, or a `PublishedCheckpoint` (to inspect what was read).
     n_layers: load only the first `n_layers` blocks (then without the MTP modules, which consume
         the last block's output): the model returns the logits of a truncated network, and
         `forward_hidden` the real hidden states entering block `n_layers`.
@@ -241,8 +247,10 @@ def load_deepseek_layer(source: str | Path | PublishedCheckpoint, layer: int,
                         dtype: torch.dtype = torch.float32, **moe_overrides) -> DeepSeekMoE:
     """The `DeepSeekMoE` (router, routed and shared experts) of block `layer`, in eval mode.
 
+    source: the checkpoint directory, or a `PublishedCheckpoint` (to inspect what was read).
     layer: a MoE block, first_k_dense_replace <= layer < num_hidden_layers, or an MTP module's
-        block at num_hidden_layers + k. Reads only that layer's tensors.
+        block at num_hidden_layers + k. Reads only that layer's tensors (its shards may be all
+        there is on disk).
     """
     ckpt = source if isinstance(source, PublishedCheckpoint) else PublishedCheckpoint(source)
     cfg = model_config(ckpt.config, **moe_overrides)
@@ -276,6 +284,8 @@ def _model_source(name: str, published: dict) -> str | _Stacked | None:
 def _block_source(layer: int, rest: str, published: dict) -> str | _Stacked | None:
     """The published tensor(s) behind `rest` (our name inside a block) of published block `layer`."""
     prefix = f"model.layers.{layer}."
+    if rest == "mlp.gate.tokens_per_expert":  # ours only: load counts start at zero
+        return None
     if rest == "mlp.gate.correction_bias":
         return prefix + "mlp.gate.e_score_correction_bias" if _has_bias(published) else None
     projections = {"mlp.experts.gate_up_proj": ("gate_proj", "up_proj"),
@@ -294,21 +304,20 @@ def _check_index(ckpt: PublishedCheckpoint, cfg: ModelConfig) -> None:
         source = _model_source(name, ckpt.config)
         if isinstance(source, _Stacked):
             expected.update(part for parts in source.parts for part in parts)
-        elif source is not None and not name.endswith("tokens_per_expert"):
+        elif source is not None:
             expected.add(source)
     copies = {f"model.layers.{cfg.n_layers + k}.{name}" for k in range(cfg.mtp_depth)
               for name in _MTP_COPIES}
     ckpt.check_names(expected, copies)
 
 
-def _read_state(ckpt: PublishedCheckpoint, module: torch.nn.Module, source_of, dtype: torch.dtype) -> dict:
-    """Our state dict of `module` (on meta), read tensor by tensor; router biases stay float32."""
+def _read_state(ckpt: PublishedCheckpoint, module: torch.nn.Module, source_of,
+                dtype: torch.dtype) -> dict:
+    """Our state dict of `module` (on meta), read tensor by tensor; router buffers stay float32."""
     state = {}
     for name, meta in module.state_dict().items():
-        if name.endswith("tokens_per_expert"):
-            continue
         source = source_of(name)
-        wanted = torch.float32 if name.endswith("correction_bias") else dtype
+        wanted = torch.float32 if name.endswith(("correction_bias", "tokens_per_expert")) else dtype
         if source is None:
             state[name] = torch.zeros(meta.shape, dtype=wanted)
         elif isinstance(source, _Stacked):
