@@ -150,3 +150,18 @@ def test_cli_quick(tmp_path, capsys):
     assert summary["command"].startswith("python -m moe_lib.train --quick")
     assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "train_state.pt",
                                                     "metrics.jsonl", "summary.json", "train_config.json"}
+
+
+def test_bench_train_quick(tmp_path, capsys):
+    from moe_lib.bench import main as bench_main
+    from moe_lib.bench.train import CATEGORIES
+
+    out = tmp_path / "train.json"
+    bench_main(["train", "--quick", "--preset", "test", "--threads", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["tokens_per_s"] > 0 and report["machine"]["threads"] == 1
+    assert set(report["share_pct"]) == set(CATEGORIES)
+    assert sum(report["share_pct"].values()) == pytest.approx(100.0)
+    for part in ("attention", "routing", "dispatch", "experts", "optimizer", "head_and_loss"):
+        assert report["share_pct"][part] > 0, part
+    assert "tokens/s" in capsys.readouterr().out

@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..balance import LoadMonitor, load_cv, max_vio, update_bias
@@ -236,12 +237,14 @@ class Trainer:
             sums["aux"] += aux.item() / cfg.grad_accum
             for k, ce_k in enumerate(ce_depths):
                 sums["ce_mtp"][k] += ce_k.item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        update_bias(model)  # once per optimizer step, on the loads of all micro-batches
+        with record_function("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        with record_function("balancing"):
+            update_bias(model)  # once per optimizer step, on the loads of all micro-batches
         self.step += 1
         return {"step": self.step, "lr": lr, "mtp_lambda": lam, **sums, "grad_norm": grad_norm.item(),
                 "max_vio_batch": {n: max_vio(c) for n, c in loads.items()},
