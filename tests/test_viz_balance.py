@@ -62,3 +62,15 @@ def test_dynamics_figure_title_and_other_builders():
     changed = {"previous": torch.zeros(6, dtype=torch.bool), "current": torch.ones(6, dtype=torch.bool)}
     z = vb.future_dependence_figure(changed).data[0].z
     assert [list(row) for row in z] == [[0.0] * 6, [1.0] * 6]
+
+
+def test_curves_figure_log_axis_keeps_small_values():
+    fig = vb.curves_figure({"gap": torch.tensor([12.3456, 1.23456e-4, 2e-9])}, "t", "y", log_y=True)
+    assert list(fig.data[0].y) == [12.3, 0.000123, 2e-09] and fig.layout.yaxis.type == "log"
+    assert list(vb.curves_figure({"gap": torch.tensor([1.23456e-4])}, "t", "y").data[0].y) == [0.0]
+
+
+def test_gradient_bars_draw_the_threshold_over_the_loads():
+    fig = vb.gradient_bars(torch.tensor([1.5, 0.5]), torch.tensor([0.2, -0.2]),
+                           threshold_E=torch.tensor([1.25, 1.125]))
+    assert len(fig.data) == 3 and list(fig.data[1].y) == [1.25, 1.125] and fig.data[1].xaxis == "x"

@@ -66,30 +66,52 @@ def tradeoff_figure(alphas: Sequence[float], task_loss: Sequence[float],
     return fig
 
 
+def _significant(values, digits: int = 3) -> list:
+    """Values rounded to `digits` significant digits (for log axes, where decimals would give 0)."""
+    return [float(f"{v:.{digits}g}") for v in torch.as_tensor(values, dtype=torch.float64).tolist()]
+
+
 def curves_figure(curves: Mapping[str, torch.Tensor], title: str, yaxis: str,
-                  xaxis: str = "training step", every: int = 1, hline: float | None = None) -> go.Figure:
-    """Several per-step curves (one trace per name) on one axis, every `every` steps."""
+                  xaxis: str = "training step", every: int = 1, hline: float | None = None,
+                  log_y: bool = False) -> go.Figure:
+    """Several per-step curves (one trace per name) on one axis, every `every` steps.
+
+    `log_y` draws a log axis and rounds to 3 significant digits instead of 3 decimals.
+    """
     fig = go.Figure()
     for name, values in curves.items():
         steps = list(range(0, len(values), every))
-        fig.add_trace(go.Scatter(x=steps, y=_r(torch.as_tensor(values)[::every]), mode="lines",
-                                 name=name))
+        sampled = torch.as_tensor(values)[::every]
+        fig.add_trace(go.Scatter(x=steps, y=_significant(sampled) if log_y else _r(sampled),
+                                 mode="lines", name=name))
     if hline is not None:
         fig.add_hline(y=hline, line_dash="dot", line_color="gray")
     fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=340,
                       margin={"t": 50, "b": 40})
+    if log_y:
+        fig.update_yaxes(type="log")
     return fig
 
 
-def gradient_bars(f_E: torch.Tensor, grad_E: torch.Tensor) -> go.Figure:
-    """Per expert: its load fraction f_i and the summed gradient of the loss on its logits."""
+def gradient_bars(f_E: torch.Tensor, grad_E: torch.Tensor,
+                  threshold_E: torch.Tensor | None = None) -> go.Figure:
+    """Per expert: its load fraction f_i and the summed gradient of the loss on its logits.
+
+    `threshold_E`, if given, is drawn as markers over the f_i bars: the load at which the summed
+    gradient of each expert changes sign.
+    """
     experts = list(range(len(f_E)))
     fig = make_subplots(rows=1, cols=2, subplot_titles=["load fraction f_i (1 = fair share)",
                                                         "dL/dz summed over tokens"])
     fig.add_trace(go.Bar(x=experts, y=_r(f_E), name="f_i"), row=1, col=1)
+    if threshold_E is not None:
+        fig.add_trace(go.Scatter(x=experts, y=_r(threshold_E), mode="markers", name="sign change at",
+                                 marker={"symbol": "line-ew-open", "size": 22, "color": "#d62728",
+                                         "line": {"width": 3}}), row=1, col=1)
     fig.add_trace(go.Bar(x=experts, y=_r(grad_E, 5), name="gradient"), row=1, col=2)
     fig.update_xaxes(title_text="expert")
-    fig.update_layout(height=320, showlegend=False, margin={"t": 50, "b": 40})
+    fig.update_layout(height=320, showlegend=threshold_E is not None, margin={"t": 50, "b": 40},
+                      legend={"orientation": "h", "y": -0.3})
     return fig
 
 
