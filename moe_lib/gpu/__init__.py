@@ -5,6 +5,8 @@
 - `graphs`: the whole layer's forward without host synchronisation (`moe_forward`), optionally with
   the shared expert on a side stream, and its capture as a CUDA graph for decoding (`GraphedMoE`).
 - `syncs`: find the operations that make the host wait for the device (`host_syncs`), on any device.
+- `reference`: a float32 oracle for bf16 layers of any size, one expert at a time (output, input
+  gradient, chosen weight gradients), for the benchmark's and the tests' checks.
 - `roofline`: the performance model: FLOPs, bytes of the experts actually hit, the time bound and the
   crossover between bandwidth-bound and compute-bound.
 
