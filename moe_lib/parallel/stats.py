@@ -99,3 +99,12 @@ def gather_stats(row: dict[str, torch.Tensor], nodes_T: torch.Tensor, ranks_per_
     return EPStats(*matrices, ranks_per_node=ranks_per_node,
                    nodes_per_token=float(node_sum / token_count.clamp(min=1)),
                    max_nodes_per_token=int(node_max), times=times)
+
+
+def format_matrix(matrix_RR: torch.Tensor) -> str:
+    """A [W, W] integer matrix as aligned text, rows = senders, columns = receivers."""
+    width = max(len(str(int(v))) for v in matrix_RR.flatten().tolist() + [matrix_RR.shape[0]]) + 1
+    header = " " * 6 + "".join(f"{j:>{width}}" for j in range(matrix_RR.shape[1]))
+    rows = [f"{i:>5} " + "".join(f"{int(v):>{width}}" for v in row)
+            for i, row in enumerate(matrix_RR.tolist())]
+    return "\n".join([header, *rows])
