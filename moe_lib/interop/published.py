@@ -97,8 +97,13 @@ def dequantize_fp8(weight_OI: torch.Tensor, scale_inv: torch.Tensor,
     if tuple(scale_inv.shape) != blocks:
         raise ValueError(f"FP8 scales of shape {tuple(scale_inv.shape)} do not fit a weight of shape "
                          f"{(n_out, n_in)} in {bo}x{bi} blocks: expected {blocks}")
-    scale_OI = scale_inv.float().repeat_interleave(bo, 0)[:n_out].repeat_interleave(bi, 1)[:, :n_in]
-    return weight_OI.float() * scale_OI
+    if n_out % bo or n_in % bi:  # partial edge blocks: pad to whole blocks, dequantise, cut
+        padded = weight_OI.new_zeros(blocks[0] * bo, blocks[1] * bi)
+        padded[:n_out, :n_in] = weight_OI
+        return dequantize_fp8(padded, scale_inv, block)[:n_out, :n_in].contiguous()
+    w_OI = weight_OI.float()
+    w_OI.view(blocks[0], bo, blocks[1], bi).mul_(scale_inv.float()[:, None, :, None])
+    return w_OI
 
 
 class PublishedCheckpoint:
@@ -329,11 +334,12 @@ def _read_state(ckpt: PublishedCheckpoint, module: torch.nn.Module, source_of,
 
 def _read_stacked(ckpt: PublishedCheckpoint, source: _Stacked, shape: torch.Size,
                   dtype: torch.dtype) -> torch.Tensor:
-    """Fill [E, rows, cols] expert by expert (no list of E tensors held at once)."""
+    """Fill [E, rows, cols] tensor by tensor (no list of E tensors held at once)."""
     out = torch.empty(shape, dtype=dtype)
-    part_shape = (shape[1] // len(source.parts[0]), shape[2])
+    rows = shape[1] // len(source.parts[0])
     for e, parts in enumerate(source.parts):
-        out[e] = torch.cat([_checked(ckpt.tensor(p, dtype), part_shape, p) for p in parts])
+        for j, name in enumerate(parts):
+            out[e, j * rows:(j + 1) * rows] = _checked(ckpt.tensor(name, dtype), (rows, shape[2]), name)
     return out
 
 
