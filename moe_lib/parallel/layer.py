@@ -44,6 +44,9 @@ class ExpertParallel(nn.Module):
         fp8_dispatch: send the tokens as e4m3 with per-128-channel power-of-two scales (V3).
         combine_dtype: wire precision of the combine (V3: torch.bfloat16; None: the input dtype).
         stats: gather an `EPStats` after every forward into `last_stats` (one extra all_gather).
+
+    After each forward, `phase_times` holds this rank's seconds in route, dispatch, experts, shared
+    and combine (wall-clock; the backward is not split).
     """
 
     def __init__(self, moe: DeepSeekMoE, group: dist.ProcessGroup | None = None,
@@ -63,6 +66,7 @@ class ExpertParallel(nn.Module):
         moe.experts = shard_experts(moe.experts, self.rank, self.world)
         self.fp8_dispatch, self.combine_dtype, self.collect_stats = fp8_dispatch, combine_dtype, stats
         self.last_stats: EPStats | None = None
+        self.phase_times: dict[str, float] = {}
 
     @property
     def cfg(self) -> MoEConfig:
@@ -92,6 +96,7 @@ class ExpertParallel(nn.Module):
         moe._record(routing, indices_TK)
         if self.training:
             y_TH = moe._balance(routing, x.shape, y_TH)
+        self.phase_times = times
         if self.collect_stats:
             self.last_stats = self._stats(plan, splits, slots_TK, x.dtype, times)
         return y_TH.view(x.shape)
