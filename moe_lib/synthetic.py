@@ -7,7 +7,8 @@ up to noise; with skew around 2 a plain top-k router starves half of the experts
 Training demos: `train_toy_moe` trains one `DeepSeekMoE` layer on a small regression teacher
 (`ToyTask`) and records the expert loads, to show routing collapse and its cures.
 `future_dependence` shows why the loss-free bias is computed from the previous batch's load.
-`balanced_routing_lp` solves the relaxed balanced routing exactly, for the dual reading of the bias.
+`balanced_routing_lp` solves the relaxed balanced routing exactly, for the dual reading of the bias;
+`replicate_hot_experts` spreads the load of the busiest experts over redundant copies (inference).
 """
 
 from __future__ import annotations
@@ -213,3 +214,19 @@ def balanced_routing_lp(scores_TE: torch.Tensor, top_k: int) -> BalancedRouting:
     return BalancedRouting(value=-result.fun,
                            assignment=torch.from_numpy(result.x.reshape(n_tokens, n_experts)),
                            prices=torch.from_numpy(result.eqlin.marginals[n_tokens:].copy()))
+
+
+def replicate_hot_experts(load_E: torch.Tensor, n_copies: int) -> torch.Tensor:
+    """Per-instance loads [E + n_copies] after adding `n_copies` redundant expert copies.
+
+    Copies are added one at a time, each to the expert whose instances are busiest, and an expert's
+    tokens are split evenly over its instances (DeepSeek-V3 Sec. 3.4 duplicates high-load experts at
+    inference). Instances are listed expert by expert, copies next to their expert.
+    """
+    if n_copies < 0:
+        raise ValueError(f"n_copies={n_copies!r} is invalid: expected a non-negative integer")
+    load_E = load_E.double()
+    instances_E = torch.ones(load_E.shape[0], dtype=torch.long)
+    for _ in range(n_copies):
+        instances_E[torch.argmax(load_E / instances_E)] += 1
+    return (load_E / instances_E).repeat_interleave(instances_E)

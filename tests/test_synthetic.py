@@ -9,7 +9,12 @@ import torch
 
 from moe_lib.balance import load_cv, loss_free_bias_update, max_vio
 from moe_lib.router import router_scores
-from moe_lib.synthetic import balanced_routing_lp, simulate_loss_free, skewed_logits
+from moe_lib.synthetic import (
+    balanced_routing_lp,
+    replicate_hot_experts,
+    simulate_loss_free,
+    skewed_logits,
+)
 
 
 def test_skewed_logits_prefer_the_first_experts():
@@ -108,3 +113,26 @@ def test_balanced_routing_lp_prices_close_the_duality_gap():
 def test_balanced_routing_lp_rejects_an_uneven_fair_share():
     with pytest.raises(ValueError, match="top_k=1 is invalid"):
         balanced_routing_lp(torch.rand(5, 3), top_k=1)
+
+
+def test_replicate_hot_experts_splits_the_busiest_expert_first():
+    load = torch.tensor([8.0, 4.0, 2.0])
+    assert torch.equal(replicate_hot_experts(load, 0), load.double())
+    halves = torch.tensor([4.0, 4.0, 4.0, 2.0], dtype=torch.float64)
+    assert torch.allclose(replicate_hot_experts(load, 1), halves)
+    # second copy: experts 0 and 1 both run instances of 4; the first one is split again
+    third = 8.0 / 3
+    assert torch.allclose(replicate_hot_experts(load, 2),
+                          torch.tensor([third, third, third, 4.0, 2.0], dtype=torch.float64))
+
+
+def test_replicate_hot_experts_keeps_the_tokens_and_never_raises_the_peak():
+    load = torch.randint(1, 100, (16,), generator=torch.Generator().manual_seed(0)).float()
+    peaks = []
+    for n in range(0, 20):
+        inst = replicate_hot_experts(load, n)
+        assert inst.shape == (16 + n,) and inst.sum().item() == pytest.approx(load.sum().item())
+        peaks.append(inst.max().item())
+    assert all(a >= b for a, b in zip(peaks, peaks[1:], strict=False)) and peaks[-1] < peaks[0]
+    with pytest.raises(ValueError, match="n_copies=-1 is invalid"):
+        replicate_hot_experts(load, -1)
