@@ -143,22 +143,28 @@ def attribute(events, thread: int) -> dict[str, float]:
             event = event.cpu_parent
         return None
 
+    def backward_node(event):
+        while event is not None and not event.name.startswith("autograd::engine::evaluate_function"):
+            event = event.cpu_parent
+        return event
+
     events = [e for e in events if e.thread == thread]
-    forward_scope: dict[int, str] = {}
+    # Forward ops that run before a node is created record the same sequence number; the op that
+    # creates the node is the last of them to start.
+    creator: dict[int, object] = {}
     for event in events:
-        if event.sequence_nr >= 0 and not event.name.startswith("autograd::engine"):
-            scope = scope_of(event)
-            if scope is not None:
-                forward_scope.setdefault(event.sequence_nr, scope)
+        if event.sequence_nr >= 0 and backward_node(event) is None:
+            seen = creator.get(event.sequence_nr)
+            if seen is None or event.time_range.start >= seen.time_range.start:
+                creator[event.sequence_nr] = event
+    forward_scope = {seq: scope_of(event) for seq, event in creator.items()}
     totals = dict.fromkeys(CATEGORIES, 0.0)
     for event in events:
         if event.name == STEP_SCOPE:
             continue
         scope = scope_of(event)
         if scope is None:
-            node = event
-            while node is not None and not node.name.startswith("autograd::engine::evaluate_function"):
-                node = node.cpu_parent
+            node = backward_node(event)
             scope = forward_scope.get(node.sequence_nr) if node is not None else None
         own = event.cpu_time_total - sum(c.cpu_time_total for c in event.cpu_children)
         totals[scope or "other"] += own
