@@ -7,8 +7,8 @@ Three interchangeable paths compute exactly this sum:
 - `dispatch_loop`: the readable reference, one boolean mask per expert.
 - `dispatch_sorted`: sort the T*K pairs by expert so that each expert reads one contiguous slice,
   then combine with one scatter-add.
-- `dispatch_grouped`: the same sorted layout fed to grouped GEMMs (`moe_lib.kernels`: oneDNN on the
-  CPU, `torch.nn.functional.grouped_mm` / `torch._grouped_mm` elsewhere), forward and backward.
+- `dispatch_grouped`: the same sorted layout run by `moe_lib.kernels.expert_swiglu`, forward and
+  backward: on the CPU whole experts run concurrently, one per core; elsewhere grouped GEMMs.
 
 Every path takes `(x_TH, indices_TK, weights_TK, experts)`; an index of -1 marks a pair dropped by
 the expert capacity (`apply_capacity`) and contributes nothing. Expert parallelism and the GPU
@@ -62,12 +62,14 @@ class SortedPairs(NamedTuple):
     """The T*K (token, expert) pairs sorted by expert; dropped pairs removed.
 
     token_N: source token of each pair; weight_N: its combine weight;
-    counts_E: pairs per expert (the length of each contiguous slice).
+    counts_E: pairs per expert (the length of each contiguous slice);
+    position_TK: where each pair landed in the sorted order (N, one past the end, if dropped).
     """
 
     token_N: torch.Tensor
     weight_N: torch.Tensor
     counts_E: torch.Tensor
+    position_TK: torch.Tensor
 
 
 def sort_by_expert(indices_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts: int) -> SortedPairs:
@@ -76,8 +78,10 @@ def sort_by_expert(indices_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts
     order_N = torch.argsort(flat_N, stable=True)
     counts_E = torch.bincount(flat_N + 1, minlength=n_experts + 1)
     order_N = order_N[counts_E[0]:]  # -1 sorts first: skip the dropped pairs
+    position_N = torch.full_like(flat_N, order_N.shape[0])
+    position_N[order_N] = torch.arange(order_N.shape[0], device=flat_N.device)
     return SortedPairs(order_N // indices_TK.shape[1], weights_TK.reshape(-1).index_select(0, order_N),
-                       counts_E[1:])
+                       counts_E[1:], position_N.view(indices_TK.shape))
 
 
 def dispatch_sorted(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -94,68 +98,18 @@ def dispatch_sorted(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: to
     return torch.zeros_like(x_TH).index_add(0, pairs.token_N, weighted_NH)
 
 
-class GroupedExperts(torch.autograd.Function):
-    """y_t = sum_k w_{t,k} SwiGLU_{e_{t,k}}(x_t) on expert-sorted pairs, with grouped GEMMs both ways.
-
-    Forward, for the N sorted pairs (counts_E: pairs per expert, a list of ints):
-        x_NH = x[token_N];  g = x_NH @ gate_e^T;  u = x_NH @ up_e^T;  a = silu(g) * u
-        y = scatter-add over token_N of (w_N * a) @ down_e^T
-    The GEMMs are `moe_lib.kernels` grouped products (oneDNN on the CPU, grouped_mm elsewhere).
-    The gate and up halves of `gate_up_proj` are two grouped GEMMs, so each result is contiguous
-    (no strided half to copy). The combine weight scales the [N, I] activation rather than the
-    [N, H] output (the same sum, half the elementwise work). silu(g) = g * sigmoid(g) is computed in
-    place; fresh large allocations cost far more than in-place passes on CPU.
-    Backward reuses the sorted layout: two grouped GEMMs per projection (input and weight
-    gradients), with silu'(g) = sigmoid(g) + silu(g) * (1 - sigmoid(g)) and a = silu(g) * u
-    recomputed. Saves x_NH, sigmoid(g), silu(g) and u.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TH, token_N, weight_N, counts_E, gate_up_EFH, down_EHI):
-        d_expert = down_EHI.shape[-1]
-        x_NH = x_TH.index_select(0, token_N)
-        gate_NI = kernels.grouped_mm_nt(x_NH, gate_up_EFH[:, :d_expert], counts_E)
-        up_NI = kernels.grouped_mm_nt(x_NH, gate_up_EFH[:, d_expert:], counts_E)
-        sig_NI = torch.sigmoid(gate_NI)
-        silu_NI = gate_NI.mul_(sig_NI)
-        hidden_NI = (silu_NI * up_NI).mul_(weight_N.unsqueeze(-1))
-        out_NH = kernels.grouped_mm_nt(hidden_NI, down_EHI, counts_E)
-        ctx.counts_E = counts_E
-        ctx.save_for_backward(x_NH, sig_NI, silu_NI, up_NI, token_N, weight_N, gate_up_EFH, down_EHI)
-        return torch.zeros_like(x_TH).index_add_(0, token_N, out_NH)
-
-    @staticmethod
-    def backward(ctx, grad_TH):
-        x_NH, sig_NI, silu_NI, up_NI, token_N, weight_N, gate_up_EFH, down_EHI = ctx.saved_tensors
-        counts_E = ctx.counts_E
-        act_NI = silu_NI * up_NI
-        grad_NH = grad_TH.index_select(0, token_N)
-        grad_h_NI = kernels.grouped_mm_nn(grad_NH, down_EHI, counts_E)
-        grad_weight_N = (grad_h_NI * act_NI).sum(dim=-1)
-        grad_down_EHI = kernels.grouped_mm_tn(grad_NH, act_NI.mul_(weight_N.unsqueeze(-1)), counts_E)
-        grad_act_NI = grad_h_NI.mul_(weight_N.unsqueeze(-1))
-        grad_up_NI = grad_act_NI * silu_NI
-        grad_gate_NI = grad_act_NI.mul_(up_NI).mul_(torch.addcmul(sig_NI, silu_NI, 1 - sig_NI))
-        grad_gate_up_NF = torch.cat([grad_gate_NI, grad_up_NI], dim=-1)
-        grad_x_NH = kernels.grouped_mm_nn(grad_gate_up_NF, gate_up_EFH, counts_E)
-        grad_gate_up_EFH = kernels.grouped_mm_tn(grad_gate_up_NF, x_NH, counts_E)
-        grad_x_TH = torch.zeros_like(grad_TH).index_add_(0, token_N, grad_x_NH)
-        return grad_x_TH, None, grad_weight_N, None, grad_gate_up_EFH, grad_down_EHI
-
-
 def dispatch_grouped(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                      experts: RoutedExperts) -> torch.Tensor:
-    """Grouped GEMM: the sorted layout, all experts' GEMMs in one pass per projection.
-
-    Falls back to `dispatch_sorted` where neither oneDNN nor grouped_mm takes the input
-    (float64; 16-bit widths that are not multiples of 8).
-    """
-    if not (kernels.use_onednn(x_TH)
-            or kernels.use_grouped_mm(x_TH, experts.d_model, experts.d_expert)):
-        return dispatch_sorted(x_TH, indices_TK, weights_TK, experts)
+    """The sorted layout run by `kernels.expert_swiglu`: on the CPU each expert's whole SwiGLU is
+    one task and the cores run different experts at once; elsewhere one grouped GEMM per product.
+    The combine is a gather-and-sum over each token's K sorted rows, no scatter."""
+    if x_TH.is_cuda:  # the GPU path keeps the tokens per expert on the device: no host sync
+        from .gpu.grouped import dispatch_device, supports
+        if supports(x_TH, experts):
+            return dispatch_device(x_TH, indices_TK, weights_TK, experts)
     pairs = sort_by_expert(indices_TK, weights_TK, experts.n_experts)
-    return GroupedExperts.apply(x_TH, pairs.token_N, pairs.weight_N, pairs.counts_E.tolist(),
-                                experts.gate_up_proj, experts.down_proj)
+    return kernels.expert_swiglu(x_TH, experts.gate_up_proj, experts.down_proj, pairs.counts_E.tolist(),
+                                 pairs.weight_N, pairs.token_N, pairs.position_TK)
 
 
 DISPATCH: dict[str, Callable[..., torch.Tensor]] = {

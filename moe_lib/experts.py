@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import linear
+from .kernels import expert_swiglu, linear
 
 
 def swiglu(x_NH: torch.Tensor, gate_up_FH: torch.Tensor, down_HI: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,11 @@ class Expert(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the nn.Linear weights, multiplied by moe_lib.kernels.linear (oneDNN on the CPU)
-        gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+        # one expert over all rows; on the CPU moe_lib.kernels runs blocks of rows, one per core
+        x_TH = x.reshape(-1, x.shape[-1])
+        gate_up_1FH = torch.cat([self.gate_proj.weight, self.up_proj.weight]).unsqueeze(0)
+        y_TH = expert_swiglu(x_TH, gate_up_1FH, self.down_proj.weight.unsqueeze(0), [x_TH.shape[0]])
+        return y_TH.view(*x.shape[:-1], y_TH.shape[-1])
 
 
 class RoutedExperts(nn.Module):

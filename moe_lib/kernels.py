@@ -1,22 +1,29 @@
-"""Matrix-multiply backends: oneDNN on the CPU where torch has it, torch's defaults elsewhere.
+"""Compute kernels: GEMM backends chosen by measurement, and a runner that keeps every core busy.
 
-torch's float32 `mm` on the CPU calls MKL's sgemm. On some CPUs (the AMD EPYC machines this book is
-tested on) oneDNN, which torch also ships, runs these GEMMs much faster at the same float32
-precision (`python -m moe_lib.bench cpu` times a dense matmul both ways). Every function here
-computes exactly the product it names and falls back to plain torch for other devices, dtypes or
-builds.
+Two measured facts about CPUs with few cores (`python -m moe_lib.bench cpu`) shape this module:
 
-Conventions (`_nt`: the second operand is used transposed, like `F.linear`):
-    mm_nt(a_MK, b_NK) = a @ b^T                                   -> [M, N]
-    grouped_mm_nt(a_NK, b_EOK, counts) = per expert e: a_e @ b_e^T    -> [N, O]
-    grouped_mm_nn(a_NO, b_EOK, counts) = per expert e: a_e @ b_e      -> [N, K]
-    grouped_mm_tn(a_NO, b_NK, counts)  = per expert e: a_e^T @ b_e    -> [E, O, K]
-where rows of a (and b) are sorted by expert and `counts` are the rows per expert.
+1. Which float32 GEMM is fastest depends on the CPU, its instruction-set level and the shape:
+   torch's `mm` (MKL's sgemm in the x86 wheels) and oneDNN (which torch also ships) trade places
+   from one machine to the next. `matmul` times both once per shape class, dtype and thread count,
+   and keeps the faster (`gemm_choices()` lists the choices). Both compute the same float32 product.
+2. An expert's GEMMs are small (about [400, 256] x [256, 256] at the book's config). Split over all
+   cores, each pays a fork/join and runs far below a core's peak; whole, one per core, they run
+   close to it. `run_tasks` hands tasks (whole experts) to `torch.get_num_threads()` worker threads
+   that use one intra-op thread each.
+
+`grouped_mm` (torch's grouped GEMM) serves the other devices, where one kernel per projection is
+the fast way.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +33,7 @@ _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 ONEDNN = _LINEAR is not None and torch.backends.mkldnn.is_available()
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 HAS_GROUPED_MM = _GROUPED_MM is not None
+MARGIN = 1.05  # oneDNN must beat torch.mm by 5% to be chosen: noise does not flip the default
 
 
 if ONEDNN:
@@ -35,10 +43,155 @@ if ONEDNN:
         return 2 * math.prod(x_shape) * w_shape[0]
 
 
-def use_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether oneDNN takes these operands: non-empty float32 CPU tensors, in a build that has it."""
-    return ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0
-                          for t in tensors)
+def _torch_mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.mm(a_MK, b_KN) if out is None else torch.mm(a_MK, b_KN, out=out)
+
+
+def _onednn_mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    result_MN = _LINEAR(a_MK, b_KN.t(), None, "none", [], "")
+    return result_MN if out is None else out.copy_(result_MN)
+
+
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch.mm": _torch_mm}
+if ONEDNN:
+    BACKENDS["oneDNN"] = _onednn_mm
+_CHOICES: dict[tuple, str] = {}
+_CHOICES_LOCK = threading.Lock()
+
+
+def _key(a_MK: torch.Tensor, b_KN: torch.Tensor) -> tuple:
+    """Shape class of a @ b: dtype, threads, operand layouts, rows rounded up to a power of two
+    (8 to 1024), K and N."""
+    rows = min(1024, max(8, 1 << (a_MK.shape[0] - 1).bit_length()))
+    return (str(a_MK.dtype).removeprefix("torch."), torch.get_num_threads(), a_MK.stride(0) == 1,
+            b_KN.stride(0) == 1, rows, a_MK.shape[1], b_KN.shape[1])
+
+
+def _random_like_layout(rows: int, cols: int, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(cols, rows, dtype=dtype).t() if transposed else torch.randn(rows, cols, dtype=dtype)
+
+
+def _measure(key: tuple, dtype: torch.dtype) -> str:
+    """The faster backend on random operands of this shape class: best of 4 interleaved rounds."""
+    _, _, a_t, b_t, rows, k, n = key
+    a_MK, b_KN = _random_like_layout(rows, k, a_t, dtype), _random_like_layout(k, n, b_t, dtype)
+    calls = max(1, min(20, int(5e7 // (2 * rows * k * n))))  # about a millisecond per timing
+    best = dict.fromkeys(BACKENDS, math.inf)
+    for _ in range(4):
+        for name, mm in BACKENDS.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                mm(a_MK, b_KN)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return "oneDNN" if best["oneDNN"] * MARGIN < best["torch.mm"] else "torch.mm"
+
+
+def gemm_backend(a_MK: torch.Tensor, b_KN: torch.Tensor) -> str:
+    """The backend `matmul` uses for a @ b: measured once per shape class, torch.mm where there is
+    no choice (no oneDNN, another dtype or device, an empty operand)."""
+    if not (ONEDNN and a_MK.device.type == "cpu" and a_MK.dtype == torch.float32 and a_MK.numel()
+            and b_KN.numel()):
+        return "torch.mm"
+    key = _key(a_MK, b_KN)
+    if key not in _CHOICES:
+        with _CHOICES_LOCK, torch.no_grad():
+            if key not in _CHOICES:
+                _CHOICES[key] = _measure(key, a_MK.dtype)
+    return _CHOICES[key]
+
+
+def gemm_choices() -> dict[str, str]:
+    """The measured choices so far, as 'dtype threads=T a=(n|t) b=(n|t) MxKxN' -> backend."""
+    return {f"{dtype} threads={threads} a={'t' if a_t else 'n'} b={'t' if b_t else 'n'} "
+            f"{rows}x{k}x{n}": name
+            for (dtype, threads, a_t, b_t, rows, k, n), name in sorted(_CHOICES.items())}
+
+
+def matmul(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b for 2-D operands (either may be a transposed view), written into `out` when given, by
+    the backend measured fastest for this shape class (no autograd)."""
+    return BACKENDS[gemm_backend(a_MK, b_KN)](a_MK, b_KN, out)
+
+
+class _Linear(torch.autograd.Function):
+    """x @ w^T on 2-D x, every product by `matmul`: dx = g @ w, dw = g^T @ x."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_NK, backend):
+        ctx.save_for_backward(x_MK, w_NK)
+        ctx.mm = BACKENDS[backend] if backend else matmul
+        return ctx.mm(x_MK, w_NK.t())
+
+    @staticmethod
+    def backward(ctx, grad_MN):
+        x_MK, w_NK = ctx.saved_tensors
+        grad_x = ctx.mm(grad_MN, w_NK) if ctx.needs_input_grad[0] else None
+        grad_w = ctx.mm(grad_MN.t(), x_MK) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+def linear(x: torch.Tensor, weight_NK: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """`F.linear(x, weight)` without bias, for x [..., K] -> [..., N]; on the CPU in float32 by the
+    measured backend, or by `backend` (a key of BACKENDS) when given."""
+    if not (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel()):
+        return F.linear(x, weight_NK)
+    out_MN = _Linear.apply(x.reshape(-1, x.shape[-1]), weight_NK, backend)
+    return out_MN.view(*x.shape[:-1], weight_NK.shape[0])
+
+
+_LOCAL = threading.local()
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _single_threaded() -> None:
+    _LOCAL.worker = True
+    torch.get_num_threads()  # torch's lazy per-thread set-up first, or it would undo the next line
+    torch.set_num_threads(1)
+
+
+def _workers() -> ThreadPoolExecutor:
+    """torch.get_num_threads() started worker threads with one intra-op thread each (one pool per
+    process and thread count: a forked child starts its own)."""
+    n = torch.get_num_threads()
+    key = (os.getpid(), n)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            pool = ThreadPoolExecutor(n, thread_name_prefix="moe_lib", initializer=_single_threaded)
+            barrier = threading.Barrier(n)
+            for started in [pool.submit(barrier.wait) for _ in range(n)]:
+                started.result()
+            torch.set_num_threads(n)  # a worker's set_num_threads(1) also set new threads' default
+            _POOLS[key] = pool
+    return _POOLS[key]
+
+
+def run_tasks(task: Callable, items: Sequence, inline: bool = False) -> None:
+    """task(item) for every item, on torch.get_num_threads() worker threads with one intra-op
+    thread each; a free worker takes the next item (so give the largest first).
+
+    Runs in the calling thread, with its threads, when `inline`, with one thread or one item, or
+    when called from a worker. Tasks run in the caller's grad mode; exceptions propagate.
+    """
+    n = min(torch.get_num_threads(), len(items))
+    if inline or n <= 1 or getattr(_LOCAL, "worker", False):
+        for item in items:
+            task(item)
+        return
+    queue, lock, grad = iter(items), threading.Lock(), torch.is_grad_enabled()
+
+    def drain() -> None:
+        with torch.set_grad_enabled(grad):
+            while True:
+                with lock:
+                    item = next(queue, None)
+                if item is None:
+                    return
+                task(item)
+
+    pool = _workers()
+    for done in [pool.submit(drain) for _ in range(n)]:
+        done.result()
 
 
 def use_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
@@ -49,73 +202,200 @@ def use_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
     return all(d * x.element_size() % 16 == 0 for d in dims)
 
 
-def mm_nt(a_MK: torch.Tensor, b_NK: torch.Tensor) -> torch.Tensor:
-    """a @ b^T for 2-D operands (no autograd)."""
-    if use_onednn(a_MK, b_NK):
-        return _LINEAR(a_MK, b_NK, None, "none", [], "")
-    return a_MK @ b_NK.t()
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    """torch's grouped GEMM over rows sorted by group: [N, K] x [E, K, O] -> [N, O], or, with a
+    transposed [K, N] first operand, [K, N] x [N, O] -> [E, K, O] (per-group a_e^T b_e)."""
+    offsets = torch.tensor(counts_E, device=a.device).cumsum(0).to(torch.int32)
+    return _GROUPED_MM(a, b, offs=offsets)
 
 
-class _Linear(torch.autograd.Function):
-    """x @ w^T on 2-D x with the backward written in the same kernel: dx = g @ w, dw = g^T @ x."""
+class Block(NamedTuple):
+    """Rows [start, stop) of one expert, one task; expert None: all rows, grouped GEMMs.
+    slot: where its weight gradients go (slot == expert, or a partial sum added to the expert's)."""
 
-    @staticmethod
-    def forward(ctx, x_MK, w_NK):
-        ctx.save_for_backward(x_MK, w_NK)
-        return mm_nt(x_MK, w_NK)
-
-    @staticmethod
-    def backward(ctx, grad_MN):
-        x_MK, w_NK = ctx.saved_tensors
-        grad_x = mm_nt(grad_MN, w_NK.t()) if ctx.needs_input_grad[0] else None
-        grad_w = mm_nt(grad_MN.t(), x_MK.t()) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w
+    expert: int | None
+    start: int
+    stop: int
+    slot: int | None
 
 
-def linear(x: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight)` without bias, for x of any leading shape [..., K] -> [..., N]."""
-    if not use_onednn(x, weight_NK):
-        return F.linear(x, weight_NK)
-    return _Linear.apply(x.reshape(-1, x.shape[-1]), weight_NK).view(*x.shape[:-1], weight_NK.shape[0])
+class RowPlan(NamedTuple):
+    """The rows of one `expert_swiglu` call, sorted by expert, and the blocks they run in.
+
+    counts_E: rows per expert. token_N: the row of x each row reads (None: row n reads row n).
+    position_TK: for each output row, the K rows summed into it (n_rows: a zero row, for dropped
+    pairs); None: row n is output row n. blocks: the tasks, largest first. partials: (expert, slot)
+    pairs whose partial weight gradients are summed. inline: too little work for the workers.
+    """
+
+    counts_E: list[int]
+    token_N: torch.Tensor | None
+    position_TK: torch.Tensor | None
+    blocks: list[Block]
+    partials: list[tuple[int, int]]
+    inline: bool
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.counts_E)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.counts_E) + len(self.partials)
 
 
-def _slices(counts_E: list[int]):
-    start = 0
+def plan_rows(counts_E: list[int], token_N: torch.Tensor | None, position_TK: torch.Tensor | None,
+              x_TH: torch.Tensor, d_expert: int) -> RowPlan:
+    """Blocks for this device: on the CPU, whole experts as tasks, those larger than a quarter of
+    one worker's share split so that the workers finish together; elsewhere one grouped block."""
+    n_rows, n_experts = sum(counts_E), len(counts_E)
+    inline = 6 * n_rows * x_TH.shape[1] * d_expert < 1 << 22  # under ~4 MFLOP: not worth the hand-off
+    if x_TH.device.type != "cpu" and use_grouped_mm(x_TH, x_TH.shape[1], d_expert):
+        return RowPlan(counts_E, token_N, position_TK, [Block(None, 0, n_rows, None)], [], True)
+    threads = 1 if inline or x_TH.device.type != "cpu" else torch.get_num_threads()
+    most = max(1, n_rows) if threads == 1 else max(64, math.ceil(n_rows / (4 * threads)))
+    blocks, partials, start = [], [], 0
     for e, count in enumerate(counts_E):
-        if count:
-            yield e, slice(start, start + count)
+        pieces = math.ceil(count / most)
+        for i in range(pieces):
+            slot = e if i == 0 else n_experts + len(partials)
+            if i:
+                partials.append((e, slot))
+            blocks.append(Block(e, start + count * i // pieces, start + count * (i + 1) // pieces, slot))
         start += count
+    blocks.sort(key=lambda b: b.start - b.stop)
+    return RowPlan(counts_E, token_N, position_TK, blocks, partials, inline)
 
 
-def grouped_mm_nt(a_NK: torch.Tensor, b_EOK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-    """Per expert e, its rows of a times b_e^T: [N, K] x [E, O, K] -> [N, O]."""
-    if not use_onednn(a_NK, b_EOK):
-        return _GROUPED_MM(a_NK, b_EOK.transpose(-2, -1), offs=_offsets(counts_E, a_NK.device))
-    out_NO = a_NK.new_empty(a_NK.shape[0], b_EOK.shape[1])
-    for e, rows in _slices(counts_E):
-        out_NO[rows] = _LINEAR(a_NK[rows], b_EOK[e], None, "none", [], "")
-    return out_NO
+def _rows(x_TH: torch.Tensor, token_N: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    return x_TH[rows] if token_N is None else x_TH.index_select(0, token_N[rows])
 
 
-def grouped_mm_nn(a_NO: torch.Tensor, b_EOK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-    """Per expert e, its rows of a times b_e: [N, O] x [E, O, K] -> [N, K]."""
-    if not use_onednn(a_NO, b_EOK):
-        return _GROUPED_MM(a_NO, b_EOK, offs=_offsets(counts_E, a_NO.device))
-    out_NK = a_NO.new_empty(a_NO.shape[0], b_EOK.shape[2])
-    for e, rows in _slices(counts_E):
-        out_NK[rows] = _LINEAR(a_NO[rows], b_EOK[e].t(), None, "none", [], "")
-    return out_NK
+def _nt(a, w_EOK, block: Block, plan: RowPlan, out):
+    """Per expert: a @ w_e^T into out."""
+    if block.expert is None:
+        return out.copy_(grouped_mm(a, w_EOK.transpose(-2, -1), plan.counts_E))
+    return matmul(a, w_EOK[block.expert].t(), out)
 
 
-def grouped_mm_tn(a_NO: torch.Tensor, b_NK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-    """Per expert e, a_e^T b_e over its rows (weight gradients): [N, O], [N, K] -> [E, O, K]."""
-    if not use_onednn(a_NO, b_NK):
-        return _GROUPED_MM(a_NO.t(), b_NK, offs=_offsets(counts_E, a_NO.device))
-    out_EOK = a_NO.new_zeros(len(counts_E), a_NO.shape[1], b_NK.shape[1])
-    for e, rows in _slices(counts_E):
-        out_EOK[e] = _LINEAR(a_NO[rows].t(), b_NK[rows].t(), None, "none", [], "")
-    return out_EOK
+def _nn(a, w_EOK, block: Block, plan: RowPlan, out=None):
+    """Per expert: a @ w_e (into out when given)."""
+    if block.expert is None:
+        result = grouped_mm(a, w_EOK, plan.counts_E)
+        return result if out is None else out.copy_(result)
+    return matmul(a, w_EOK[block.expert], out)
 
 
-def _offsets(counts_E: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(counts_E, device=device).cumsum(0).to(torch.int32)
+def _tn(a, b, block: Block, plan: RowPlan, out_SOK) -> None:
+    """Per expert: a_e^T @ b_e (a weight gradient) into its slot of out."""
+    if block.expert is None:
+        out_SOK.copy_(grouped_mm(a.t(), b, plan.counts_E))
+    else:
+        matmul(a.t(), b, out_SOK[block.slot])
+
+
+class ExpertSwiGLU(torch.autograd.Function):
+    """SwiGLU experts on rows sorted by expert, each block of rows one task (`RowPlan`):
+
+        h_n = w_n * silu(x_n gate_e^T) * (x_n up_e^T),   out_n = h_n down_e^T      (row n, expert e)
+        y_t = sum of out_n over the rows n of token t (position_TK), or y = out
+
+    gate_up_EFH [E, 2I, H] (gate rows first) and down_EHI [E, H, I] are HF's stacked layout. A task
+    runs its expert's whole chain (gather, gate/up GEMM, activation, down GEMM) on blocks that stay
+    in cache; the combine is one gather-and-sum (`embedding_bag`), no scatter. Saves x and the
+    [N, 2I] gate/up product. Backward per block, with a = silu(g) * u:
+        dh = dy_n down_e;  dw_n = <dh, a>;  d down_e += dy_n^T (w a);  du = w dh silu(g);
+        dg = w dh u silu'(g);  dx_n = [dg, du] gate_up_e;  d gate_up_e += [dg, du]^T x_n
+    """
+
+    @staticmethod
+    def forward(ctx, x_TH, weight_N, gate_up_EFH, down_EHI, plan: RowPlan):
+        d_expert, n_rows = down_EHI.shape[-1], plan.n_rows
+        gate_up_NF = x_TH.new_empty(n_rows, 2 * d_expert)
+        out_NH = _row_buffer(x_TH, plan)
+
+        def task(block: Block) -> None:
+            rows = slice(block.start, block.stop)
+            gate_up_nF = _nt(_rows(x_TH, plan.token_N, rows), gate_up_EFH, block, plan, gate_up_NF[rows])
+            h_nI = F.silu(gate_up_nF[:, :d_expert]).mul_(gate_up_nF[:, d_expert:])
+            if weight_N is not None:
+                h_nI.mul_(weight_N[rows, None])
+            _nt(h_nI, down_EHI, block, plan, out_NH[rows])
+
+        run_tasks(task, plan.blocks, plan.inline)
+        ctx.plan = plan
+        ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF)
+        return _combine(out_NH, plan)
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF = ctx.saved_tensors
+        plan: RowPlan = ctx.plan
+        need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        d_expert = down_EHI.shape[-1]
+        grad_x_NH = _row_buffer(x_TH, plan) if need_x else None
+        grad_w_N = weight_N.new_empty(plan.n_rows) if need_w else None
+        grad_gate_up_SFH = gate_up_EFH.new_empty(plan.n_slots, *gate_up_EFH.shape[1:])
+        grad_down_SHI = down_EHI.new_empty(plan.n_slots, *down_EHI.shape[1:])
+
+        def task(block: Block) -> None:
+            rows = slice(block.start, block.stop)
+            grad_nH, x_nH = _rows(grad_TH, plan.token_N, rows), _rows(x_TH, plan.token_N, rows)
+            gate_nI, up_nI = gate_up_NF[rows, :d_expert], gate_up_NF[rows, d_expert:]
+            grad_h_nI = _nn(grad_nH, down_EHI, block, plan)
+            silu_nI = F.silu(gate_nI)
+            act_nI = silu_nI * up_nI
+            if weight_N is not None:
+                if need_w:
+                    torch.linalg.vecdot(grad_h_nI, act_nI, out=grad_w_N[rows])
+                act_nI.mul_(weight_N[rows, None])
+                grad_h_nI.mul_(weight_N[rows, None])
+            if need_down:
+                _tn(grad_nH, act_nI, block, plan, grad_down_SHI)
+            grad_gate_up_nF = torch.empty_like(gate_up_NF[rows])
+            torch.mul(grad_h_nI, silu_nI, out=grad_gate_up_nF[:, d_expert:])
+            torch.ops.aten.silu_backward.grad_input(grad_h_nI.mul_(up_nI), gate_nI,
+                                                    grad_input=grad_gate_up_nF[:, :d_expert])
+            if need_x:
+                _nn(grad_gate_up_nF, gate_up_EFH, block, plan, grad_x_NH[rows])
+            if need_gate_up:
+                _tn(grad_gate_up_nF, x_nH, block, plan, grad_gate_up_SFH)
+
+        run_tasks(task, plan.blocks, plan.inline)
+        n_experts = len(plan.counts_E)
+        for grad_SOK in (grad_gate_up_SFH, grad_down_SHI):
+            for e, slot in plan.partials:
+                grad_SOK[e] += grad_SOK[slot]
+            for e, count in enumerate(plan.counts_E):
+                if count == 0:
+                    grad_SOK[e].zero_()
+        return (_combine(grad_x_NH, plan) if need_x else None, grad_w_N,
+                grad_gate_up_SFH[:n_experts] if need_gate_up else None,
+                grad_down_SHI[:n_experts] if need_down else None, None)
+
+
+def _row_buffer(x_TH: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """[N, H] rows, plus a zero row N that dropped pairs read when rows are summed per token."""
+    if plan.position_TK is None:
+        return x_TH.new_empty(plan.n_rows, x_TH.shape[1])
+    rows_NH = x_TH.new_empty(plan.n_rows + 1, x_TH.shape[1])
+    rows_NH[plan.n_rows].zero_()
+    return rows_NH
+
+
+def _combine(rows_NH: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """y_t = sum_k rows[position_tk]: one fused gather-and-sum (embedding_bag), or the rows."""
+    if plan.position_TK is None:
+        return rows_NH
+    return F.embedding_bag(plan.position_TK, rows_NH, mode="sum")
+
+
+def expert_swiglu(x_TH: torch.Tensor, gate_up_EFH: torch.Tensor, down_EHI: torch.Tensor,
+                  counts_E: list[int], weight_N: torch.Tensor | None = None,
+                  token_N: torch.Tensor | None = None,
+                  position_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU experts on rows sorted by expert (`ExpertSwiGLU`): counts_E rows per expert, row n
+    reading x[token_N[n]] (x's own rows when None) and scaled by weight_N[n] (1 when None); the
+    output sums the rows position_TK[t] into row t (the rows themselves when None)."""
+    plan = plan_rows(counts_E, token_N, position_TK, x_TH, down_EHI.shape[-1])
+    return ExpertSwiGLU.apply(x_TH, weight_N, gate_up_EFH, down_EHI, plan)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,15 +46,13 @@ def random_routing(n_tokens, n_experts, top_k, n_dropped=0, skip_expert=None):
 @pytest.mark.parametrize("name", ["loop", "sorted", "grouped"])
 @pytest.mark.parametrize("n_dropped", [0, 7])
 def test_each_path_matches_pairwise_reference(name, n_dropped):
-    dtype = torch.float32 if name == "grouped" else torch.float64
-    experts = RoutedExperts(6, 16, 8).to(dtype)
-    x_TH = torch.randn(20, 16, dtype=dtype)
+    experts = RoutedExperts(6, 16, 8).double()
+    x_TH = torch.randn(20, 16, dtype=torch.float64)
     indices_TK, weights_TK = random_routing(20, 6, 3, n_dropped, skip_expert=4)
-    weights_TK = weights_TK.to(dtype)
+    weights_TK = weights_TK.double()
     out = DISPATCH[name](x_TH, indices_TK, weights_TK, experts)
     expected = reference_dispatch(x_TH, indices_TK, weights_TK, experts)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert out.abs().sum() > 0
 
 
@@ -79,15 +78,21 @@ def test_paths_agree_forward_and_backward(n_dropped):
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_accepts_float64_by_falling_back():
-    experts = RoutedExperts(4, 8, 4).double()
-    x_TH = torch.randn(10, 8, dtype=torch.float64)
-    indices_TK, weights_TK = random_routing(10, 4, 2)
-    out = dispatch_grouped(x_TH, indices_TK, weights_TK.double(), experts)
-    torch.testing.assert_close(out, reference_dispatch(x_TH, indices_TK, weights_TK.double(), experts))
+def test_grouped_float64_gradcheck_with_drops_and_an_empty_expert():
+    indices_TK, weights_TK = random_routing(9, 4, 2, n_dropped=3, skip_expert=2)
+    experts = RoutedExperts(4, 6, 5).double()
+    inputs = [t.detach().clone().double().requires_grad_()
+              for t in (torch.randn(9, 6), weights_TK, experts.gate_up_proj, experts.down_proj)]
+
+    def fn(x_TH, weights_TK, gate_up_proj, down_proj):
+        stand_in = SimpleNamespace(n_experts=4, gate_up_proj=gate_up_proj, down_proj=down_proj)
+        return dispatch_grouped(x_TH, indices_TK, weights_TK, stand_in)
+
+    torch.testing.assert_close(fn(*inputs), reference_dispatch(inputs[0], indices_TK, inputs[1], experts))
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_grouped_bf16_with_unaligned_width_falls_back_instead_of_crashing():
+def test_grouped_bf16_with_unaligned_width():
     experts = RoutedExperts(4, 8, 4).to(torch.bfloat16)  # d_expert 4: rows not 16-byte aligned
     x_TH = torch.randn(10, 8, dtype=torch.bfloat16)
     indices_TK, weights_TK = random_routing(10, 4, 2)
@@ -141,4 +146,5 @@ def test_sort_by_expert_groups_pairs_and_skips_dropped():
     pairs = sort_by_expert(indices_TK, weights_TK, n_experts=4)
     assert pairs.counts_E.tolist() == [3, 1, 2, 0]
     assert pairs.token_N.tolist() == [0, 1, 3, 2, 0, 2]
+    assert pairs.position_TK.tolist() == [[4, 0], [1, 6], [5, 3], [6, 2]]  # 6: dropped
     torch.testing.assert_close(pairs.weight_N, torch.tensor([0.2, 0.3, 0.8, 0.6, 0.1, 0.5]))

@@ -1,104 +1,251 @@
-"""moe_lib.kernels: every product against a float64 reference, on oneDNN and on the fallback."""
+"""moe_lib.kernels: GEMM backends against float64, the measured choice, the task runner, and the
+SwiGLU experts over sorted rows against a row-by-row reference (forward, backward, gradcheck)."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moe_lib import kernels
-from moe_lib.dispatch import dispatch_grouped, dispatch_loop
-from moe_lib.experts import RoutedExperts
-
-COUNTS = [5, 0, 9, 1, 0, 7]  # experts with no rows included
+from moe_lib.kernels import Block, ExpertSwiGLU, RowPlan, expert_swiglu, plan_rows
 
 
-@pytest.fixture(params=["onednn", "fallback"])
-def backend(request, monkeypatch):
-    if request.param == "onednn" and not kernels.ONEDNN:
-        pytest.skip("this torch build has no oneDNN")
-    if request.param == "fallback":
-        monkeypatch.setattr(kernels, "ONEDNN", False)
-    return request.param
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (the tests otherwise run with one), so that the workers are used."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
-def close(actual, expected_f64):
-    torch.testing.assert_close(actual.double(), expected_f64, rtol=1e-5, atol=1e-5)
+def operand(rows, cols, transposed, dtype=torch.float32):
+    """A random [rows, cols] operand, stored transposed (a .t() view) when asked."""
+    return torch.randn(cols, rows, dtype=dtype).t() if transposed else torch.randn(rows, cols, dtype=dtype)
 
 
-def per_expert(counts, fn):
-    """Concatenate fn(e, rows) over the experts that have rows."""
-    out, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            out.append(fn(e, slice(start, start + n)))
-        start += n
-    return out
+@pytest.mark.parametrize("backend", list(kernels.BACKENDS))
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (False, True), (True, False), (True, True)])
+def test_every_backend_multiplies_every_layout(backend, a_t, b_t):
+    a, b = operand(7, 12, a_t), operand(12, 5, b_t)
+    expected = a.double() @ b.double()
+    mm = kernels.BACKENDS[backend]
+    torch.testing.assert_close(mm(a, b).double(), expected, rtol=1e-5, atol=1e-5)
+    out = torch.full((9, 5), float("nan"))
+    mm(a, b, out[1:8])  # into a row slice of a larger buffer
+    torch.testing.assert_close(out[1:8].double(), expected, rtol=1e-5, atol=1e-5)
+    assert out[0].isnan().all() and out[8].isnan().all()
 
 
-def test_onednn_is_used_on_this_machine():
-    assert kernels.ONEDNN  # torch 2.13's CPU wheel ships oneDNN; the benchmark relies on it
-    assert kernels.use_onednn(torch.randn(2, 2))
-    assert not kernels.use_onednn(torch.randn(2, 2, dtype=torch.float64))
+def test_torch_build_has_onednn_and_grouped_mm():
+    assert kernels.ONEDNN and set(kernels.BACKENDS) == {"torch.mm", "oneDNN"}
+    assert kernels.HAS_GROUPED_MM  # torch 2.13 has torch.nn.functional.grouped_mm
 
 
-@pytest.mark.skipif(not kernels.ONEDNN, reason="this torch build has no oneDNN")
-def test_flop_counter_counts_the_onednn_kernels():
-    """torch's FlopCounterMode sees oneDNN's linear (torch has no formula for _grouped_mm itself)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def test_backend_is_measured_once_per_shape_class(monkeypatch):
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    calls = []
+    measure = kernels._measure
+    monkeypatch.setattr(kernels, "_measure", lambda *args: calls.append(args[0]) or measure(*args))
+    a, b = torch.randn(300, 32), torch.randn(32, 24)
+    choice = kernels.gemm_backend(a, b)
+    assert choice in kernels.BACKENDS
+    assert kernels.gemm_backend(torch.randn(260, 32), b) == choice  # same class: 300, 260 -> 512 rows
+    kernels.gemm_backend(a, torch.randn(24, 32).t())  # another layout of b: another class
+    assert len(calls) == 2
+    assert list(kernels.gemm_choices()) == ["float32 threads=1 a=n b=n 512x32x24",
+                                            "float32 threads=1 a=n b=t 512x32x24"]
+    torch.testing.assert_close(kernels.matmul(a, b), a @ b)
+    # no choice to make: another dtype, or an empty operand
+    assert kernels.gemm_backend(a.double(), b.double()) == "torch.mm"
+    assert kernels.gemm_backend(torch.randn(0, 32), b) == "torch.mm"
+    assert len(calls) == 2
 
-    a, b = torch.randn(7, 12), torch.randn(5, 12)
-    with FlopCounterMode(display=False) as counter:
-        kernels.mm_nt(a, b)
-        kernels.grouped_mm_nt(torch.randn(sum(COUNTS), 12), torch.randn(len(COUNTS), 8, 12), COUNTS)
-    assert counter.get_total_flops() == 2 * 7 * 12 * 5 + 2 * sum(COUNTS) * 12 * 8
+
+def test_measure_keeps_torch_mm_unless_onednn_is_clearly_faster(monkeypatch):
+    key = kernels._key(torch.randn(8, 4), torch.randn(4, 4))
+    monkeypatch.setattr(kernels, "BACKENDS", {"torch.mm": lambda a, b: torch.mm(a, b),
+                                              "oneDNN": lambda a, b: torch.mm(a, b)})
+    assert kernels._measure(key, torch.float32) == "torch.mm"  # equal speeds: the default
 
 
-def test_mm_nt_and_linear(backend):
-    a, b = torch.randn(7, 12), torch.randn(5, 12)
-    close(kernels.mm_nt(a, b), a.double() @ b.double().t())
-    x = torch.randn(2, 3, 12)
-    close(kernels.linear(x, b), F.linear(x.double(), b.double()))
-    assert kernels.linear(torch.randn(0, 12), b).shape == (0, 5)  # an expert with no tokens
-
-
-def test_linear_gradients_match_f_linear(backend):
+@pytest.mark.parametrize("backend", [None, *kernels.BACKENDS])
+def test_linear_matches_f_linear_with_gradients(backend):
     x1, w1 = torch.randn(2, 9, 12, requires_grad=True), torch.randn(5, 12, requires_grad=True)
     x2, w2 = x1.detach().double().requires_grad_(), w1.detach().double().requires_grad_()
     grad = torch.randn(2, 9, 5)
-    kernels.linear(x1, w1).backward(grad)
+    y = kernels.linear(x1, w1, backend)
+    y.backward(grad)
     F.linear(x2, w2).backward(grad.double())
-    close(x1.grad, x2.grad)
-    close(w1.grad, w2.grad)
+    torch.testing.assert_close(y.double(), F.linear(x2, w2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad.double(), x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=1e-5, atol=1e-5)
+    assert kernels.linear(torch.randn(0, 12), w1).shape == (0, 5)
 
 
-def test_grouped_products(backend):
-    n = sum(COUNTS)
-    a_NK, b_EOK = torch.randn(n, 12), torch.randn(len(COUNTS), 8, 12)
-    a_NO, b_NK = torch.randn(n, 8), torch.randn(n, 12)
-    A, B = a_NK.double(), b_EOK.double()
-    close(kernels.grouped_mm_nt(a_NK, b_EOK, COUNTS),
-          torch.cat(per_expert(COUNTS, lambda e, r: A[r] @ B[e].t())))
-    close(kernels.grouped_mm_nn(a_NO, b_EOK, COUNTS),
-          torch.cat(per_expert(COUNTS, lambda e, r: a_NO.double()[r] @ B[e])))
-    expected = torch.zeros(len(COUNTS), 8, 12, dtype=torch.float64)
-    per_expert(COUNTS, lambda e, r: expected[e].copy_(a_NO.double()[r].t() @ b_NK.double()[r]))
-    close(kernels.grouped_mm_tn(a_NO, b_NK, COUNTS), expected)
+def test_flop_counter_counts_onednn_like_mm():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        kernels.BACKENDS["oneDNN"](torch.randn(7, 12), torch.randn(12, 5))
+    assert counter.get_total_flops() == 2 * 7 * 12 * 5
 
 
-def test_grouped_dispatch_matches_loop_forward_and_backward(backend):
-    experts = RoutedExperts(6, 16, 8)
-    x1 = torch.randn(20, 16, requires_grad=True)
-    indices_TK = torch.stack([torch.randperm(6)[:2] for _ in range(20)])
-    w1 = torch.rand(20, 2, requires_grad=True)
-    grad = torch.randn(20, 16)
-    grads = []
-    for dispatch in (dispatch_grouped, dispatch_loop):
-        x, w = x1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
-        experts.zero_grad()
-        out = dispatch(x, indices_TK, w, experts)
-        out.backward(grad)
-        grads.append([out, x.grad, w.grad, experts.gate_up_proj.grad.clone(),
-                      experts.down_proj.grad.clone()])
-    for got, want in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+def test_run_tasks_uses_single_threaded_workers(two_threads):
+    seen = {}
+
+    def task(item):
+        seen[item] = (threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled())
+
+    with torch.no_grad():
+        kernels.run_tasks(task, range(40))
+    assert sorted(seen) == list(range(40))
+    assert {name.startswith("moe_lib") for name, _, _ in seen.values()} == {True}
+    assert {threads for _, threads, _ in seen.values()} == {1}
+    assert {grad for _, _, grad in seen.values()} == {False}  # the caller's grad mode
+    assert torch.get_num_threads() == 2
+    fresh = []
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert fresh == [2]  # the workers' one thread did not become the default of new threads
+
+
+def test_run_tasks_inline_nested_and_errors(two_threads):
+    names = []
+    kernels.run_tasks(lambda i: names.append(threading.current_thread().name), [0], inline=False)
+    kernels.run_tasks(lambda i: names.append(threading.current_thread().name), [0, 1], inline=True)
+    assert names == [threading.current_thread().name] * 3  # one item, or inline: the caller
+    inner = []
+    kernels.run_tasks(lambda i: kernels.run_tasks(inner.append, [i, i]), range(4))  # no deadlock
+    assert sorted(inner) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+    def fail(item):
+        raise ValueError(f"task {item}")
+
+    with pytest.raises(ValueError, match="task"):
+        kernels.run_tasks(fail, range(3))
+
+
+def test_plan_rows_covers_every_row_once_and_splits_large_experts(two_threads):
+    counts = [700, 0, 30, 100, 1]
+    plan = plan_rows(counts, None, None, torch.randn(1, 64), 64)
+    assert not plan.inline
+    covered = sorted((b.start, b.stop, b.expert) for b in plan.blocks)
+    assert covered[0][0] == 0 and covered[-1][1] == sum(counts)
+    assert all(prev[1] == nxt[0] for prev, nxt in zip(covered[:-1], covered[1:], strict=True))
+    starts = [0, 700, 700, 730, 830]
+    assert all(starts[e] <= lo and hi <= starts[e] + counts[e] for lo, hi, e in covered)
+    assert max(b.stop - b.start for b in plan.blocks) <= max(64, -(-sum(counts) // 8))
+    sizes = [b.stop - b.start for b in plan.blocks]
+    assert sizes == sorted(sizes, reverse=True)  # largest first
+    assert {e for e, _ in plan.partials} == {0}  # only expert 0 is split
+    assert {b.slot for b in plan.blocks} == {0, 2, 3, 4} | {s for _, s in plan.partials}
+    assert plan_rows([3, 4], None, None, torch.randn(1, 8), 8).inline  # tiny: no hand-off
+
+
+def reference_swiglu(x, gate_up, down, counts, weight=None, token=None, position=None):
+    """Row by row: out_n = w_n * SwiGLU_e(x[token_n]), then y_t = sum of out over position[t]."""
+    d_expert, rows, e_of_row = down.shape[-1], [], [e for e, c in enumerate(counts) for _ in range(c)]
+    for n, e in enumerate(e_of_row):
+        x_n = x[n if token is None else token[n]]
+        h = F.silu(gate_up[e, :d_expert] @ x_n) * (gate_up[e, d_expert:] @ x_n)
+        rows.append((h if weight is None else weight[n] * h) @ down[e].t())
+    out = torch.stack(rows) if rows else x.new_zeros(0, down.shape[1])
+    if position is None:
+        return out
+    padded = torch.cat([out, out.new_zeros(1, out.shape[1])])
+    return padded[position].sum(dim=1)
+
+
+def routed_inputs(n_tokens, n_experts, top_k, d_model, d_expert, n_dropped, dtype):
+    """Sorted pairs of a random routing with dropped pairs and an expert that gets no token."""
+    from moe_lib.dispatch import sort_by_expert
+
+    scores = torch.rand(n_tokens, n_experts)
+    scores[:, min(1, n_experts - 1)] -= 2 * (n_experts > 1)
+    indices = scores.topk(top_k, dim=-1).indices
+    indices.view(-1)[torch.randperm(n_tokens * top_k)[:n_dropped]] = -1
+    pairs = sort_by_expert(indices, torch.rand(n_tokens, top_k, dtype=dtype) + 0.1, n_experts)
+    x = torch.randn(n_tokens, d_model, dtype=dtype)
+    gate_up = torch.randn(n_experts, 2 * d_expert, d_model, dtype=dtype) / d_model**0.5
+    down = torch.randn(n_experts, d_model, d_expert, dtype=dtype) / d_expert**0.5
+    return x, gate_up, down, pairs
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("routed", [True, False])
+def test_expert_swiglu_matches_reference_forward_and_backward(threads, routed):
+    if routed:
+        x, gate_up, down, pairs = routed_inputs(200, 6, 2, 64, 48, 30, torch.float64)
+        counts, weight, rows = pairs.counts_E.tolist(), pairs.weight_N, (pairs.token_N, pairs.position_TK)
+    else:  # the shared expert: one expert over all rows, split into blocks
+        x, gate_up, down, _ = routed_inputs(400, 1, 1, 64, 48, 0, torch.float64)
+        counts, weight, rows = [400], None, (None, None)
+    leaves = [t.requires_grad_() for t in (x, gate_up, down, weight) if t is not None]
+    ref = reference_swiglu(*leaves[:3], counts, weight, *rows)  # one thread: tiny ops
+    grad = torch.randn_like(ref)
+    expected = [ref, *torch.autograd.grad(ref, leaves, grad)]
+    torch.set_num_threads(threads)
+    try:
+        assert plan_rows(counts, *rows, x, 48).inline is False
+        ours = expert_swiglu(*leaves[:3], counts, weight, *rows)
+        got = [ours, *torch.autograd.grad(ours, leaves, grad)]
+    finally:
+        torch.set_num_threads(1)
+    for mine, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    if routed:  # expert 1 got no row: zero gradient
+        assert got[2][1].abs().sum() == 0 and got[2][0].abs().sum() > 0
+
+
+def test_expert_swiglu_gradcheck_float64():
+    x, gate_up, down, pairs = routed_inputs(9, 4, 2, 6, 5, 3, torch.float64)
+    inputs = [t.requires_grad_() for t in (x, pairs.weight_N, gate_up, down)]
+
+    def fn(x, weight, gate_up, down):
+        return expert_swiglu(x, gate_up, down, pairs.counts_E.tolist(), weight, pairs.token_N,
+                             pairs.position_TK)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_expert_swiglu_gradcheck_float64_on_workers(two_threads):
+    x, gate_up, down, pairs = routed_inputs(200, 5, 2, 48, 40, 15, torch.float64)
+    counts = pairs.counts_E.tolist()
+    assert not plan_rows(counts, pairs.token_N, pairs.position_TK, x, 40).inline
+    inputs = [t.requires_grad_() for t in (x, pairs.weight_N, gate_up, down)]
+
+    def fn(x, weight, gate_up, down):
+        return expert_swiglu(x, gate_up, down, counts, weight, pairs.token_N, pairs.position_TK)
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_grouped_block_matches_per_expert_blocks():
+    """The one-block grouped-GEMM path (other devices) computes what the per-expert tasks do."""
+    x, gate_up, down, pairs = routed_inputs(40, 4, 2, 16, 8, 5, torch.float32)
+    counts = pairs.counts_E.tolist()
+    results = []
+    for plan in (plan_rows(counts, pairs.token_N, pairs.position_TK, x, 8),
+                 RowPlan(counts, pairs.token_N, pairs.position_TK, [Block(None, 0, sum(counts), None)],
+                         [], True)):
+        leaves = [t.clone().requires_grad_() for t in (x, pairs.weight_N, gate_up, down)]
+        y = ExpertSwiGLU.apply(*leaves, plan)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        results.append([y, *(t.grad for t in leaves)])
+    for grouped, tasks in zip(*results, strict=True):
+        torch.testing.assert_close(grouped, tasks, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_swiglu_zero_rows():
+    x = torch.randn(0, 8, requires_grad=True)
+    gate_up, down = torch.randn(3, 12, 8, requires_grad=True), torch.randn(3, 8, 6, requires_grad=True)
+    y = expert_swiglu(x, gate_up, down, [0, 0, 0], torch.ones(0), torch.zeros(0, dtype=torch.long),
+                      torch.zeros(0, 2, dtype=torch.long))
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert gate_up.grad.abs().sum() == 0 and down.grad.abs().sum() == 0
