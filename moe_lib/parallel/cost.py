@@ -99,12 +99,15 @@ class Traffic:
 
 @dataclass(frozen=True)
 class CommCost:
-    """Predicted per-layer times (microseconds) and the busiest GPU's bytes."""
+    """Predicted per-layer times (microseconds; per link: the busiest GPU on that link) and the
+    busiest GPU's dispatch bytes on each link."""
 
     dispatch_us: float
     combine_us: float
     dispatch_ib_us: float
     dispatch_nvlink_us: float
+    combine_ib_us: float
+    combine_nvlink_us: float
     ib_bytes: float
     nvlink_bytes: float
     traffic: Traffic
@@ -186,7 +189,8 @@ def comm_cost(tr: Traffic, cluster: Cluster, d_model: int = 7168, tokens_per_gpu
         nv_copies, combine_bytes, cluster.nvlink_combine)
     return CommCost(torch.maximum(d_ib, d_nv).max().item() * 1e6,
                     torch.maximum(c_ib, c_nv).max().item() * 1e6,
-                    d_ib.max().item() * 1e6, d_nv.max().item() * 1e6,
+                    d_ib.max().item() * 1e6, d_nv.max().item() * 1e6, c_ib.max().item() * 1e6,
+                    c_nv.max().item() * 1e6,
                     (ib_copies.max() * dispatch_bytes).item(), (nv_copies.max() * dispatch_bytes).item(), tr)
 
 
