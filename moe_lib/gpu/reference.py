@@ -2,8 +2,8 @@
 
 Upcasting DeepSeek-V3's experts to float32 at once would take 45 GB; this computes the layer in
 float32 one expert at a time, so it never holds more than one expert in float32. The loss is the
-fixed projection L = sum(y * P) used by the benchmarks. Everything but the expert weights is built
-from the library's pieces (router functions, `swiglu`):
+fixed projection L = sum(y * P) used by the benchmarks. The routing comes from the library's pure
+router functions; the experts are plain `F.linear` products, independent of `moe_lib.kernels`:
 
     y = sum_k w_{t,k} SwiGLU_{e_{t,k}}(x_t) + Shared(x_t)
     dL/dx = sum over pairs of the expert's input gradient + Shared's + the router's (through w)
@@ -16,7 +16,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..experts import swiglu
 from ..router import combine_weights, router_scores, select_experts
 
 
@@ -52,7 +51,7 @@ def float32_reference(layer, x_TH: torch.Tensor, proj_TH: torch.Tensor | None = 
         w_N = weights_TK.detach()[token_N, slot_N].requires_grad_(proj is not None)
         for p in params:
             p.requires_grad_(want)
-        out_NH = swiglu(x_NH, *params) * w_N.unsqueeze(-1)
+        out_NH = _swiglu(x_NH, params[0].chunk(2), params[1]) * w_N.unsqueeze(-1)
         y.index_add_(0, token_N, out_NH.detach())
         if proj is not None:
             g = torch.autograd.grad((out_NH * proj[token_N]).sum(), [x_NH, w_N] + (params if want else []))
@@ -62,12 +61,15 @@ def float32_reference(layer, x_TH: torch.Tensor, proj_TH: torch.Tensor | None = 
                 grads[e] = (g[2], g[3])
     if layer.shared_experts is not None:
         shared = layer.shared_experts
-        weights = [shared.gate_proj.weight.float(), shared.up_proj.weight.float(),
-                   shared.down_proj.weight.float()]
-        out_TH = F.linear(F.silu(F.linear(x, weights[0])) * F.linear(x, weights[1]), weights[2])
+        out_TH = _swiglu(x, (shared.gate_proj.weight.float(), shared.up_proj.weight.float()),
+                         shared.down_proj.weight.float())
         y += out_TH.detach()
         if proj is not None:
             dx += torch.autograd.grad((out_TH * proj).sum(), x, retain_graph=True)[0]
     if proj is not None:  # the router's share: through the combine weights
         dx += torch.autograd.grad(weights_TK, x, grad_outputs=grad_weights_TK)[0]
     return Reference(y, dx if proj is not None else None, grads)
+
+
+def _swiglu(x_NH: torch.Tensor, gate_up: tuple[torch.Tensor, torch.Tensor], down_HI: torch.Tensor):
+    return F.linear(F.silu(F.linear(x_NH, gate_up[0])) * F.linear(x_NH, gate_up[1]), down_HI)
