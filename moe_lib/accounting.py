@@ -74,10 +74,11 @@ class MLAShape:
     v_head_dim: int = 128
 
     def params(self, d_model: int) -> int:
-        """wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo."""
+        """wq_a, q_norm, wq_b (or one wq when q_lora_rank == 0), wkv_a, kv_norm, wkv_b, wo."""
         qk_head = self.qk_nope_head_dim + self.qk_rope_head_dim
-        return (d_model * self.q_lora_rank + self.q_lora_rank
-                + self.q_lora_rank * self.n_heads * qk_head
+        query = (d_model * self.n_heads * qk_head if self.q_lora_rank == 0 else
+                 d_model * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * self.n_heads * qk_head)
+        return (query
                 + d_model * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
                 + self.kv_lora_rank * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)
                 + self.n_heads * self.v_head_dim * d_model)
