@@ -340,3 +340,27 @@ def test_plan_sends_a_token_once_per_rank_with_its_local_experts():
 def test_plan_handles_no_tokens():
     plan = plan_dispatch(torch.empty(0, 3, dtype=torch.long), slots_per_rank=2, n_ranks=4)
     assert plan.send_R.tolist() == [0, 0, 0, 0] and plan.local_NK.shape == (0, 3)
+
+
+# --- the demo and the benchmark's pieces -------------------------------------------------------------
+
+
+def test_demo_report_passes_and_shows_the_traffic(ranks):
+    from moe_lib.parallel.demo import report, run_demo
+
+    results = ranks.run(run_demo, tokens=24, ranks_per_node=2, max_nodes=1)
+    text = report(results)
+    assert "PASS" in text and results[0]["stats"].max_nodes_per_token == 1
+    assert [r["tokens"] for r in results] == [6, 12, 18, 24]
+
+
+def test_bench_rank_times_every_phase(ranks):
+    from moe_lib.bench.ep import PHASES, bench_rank, planned_bytes_per_token
+
+    results = ranks.run(bench_rank, 32, 1, 0, 0)
+    assert set(results[0]["median_ms"]) == {*PHASES, "total", "unsharded"}
+    assert all(v > 0 for v in results[0]["median_ms"].values())
+    tokens_RR = torch.tensor(results[0]["tokens_sent"])
+    assert tokens_RR.shape == (4, 4) and (tokens_RR.sum(dim=1) >= 32).all()
+    growth = [planned_bytes_per_token(w, 64, 0) for w in (1, 2, 4, 8)]
+    assert growth[0] == 0 and growth == sorted(growth)

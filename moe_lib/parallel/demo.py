@@ -102,3 +102,32 @@ def report(results: list[dict]) -> str:
     else:
         lines.append(f"{'PASS' if worst < 1e-5 else 'FAIL'}: worst relative error {worst:.1e}")
     return "\n".join(lines)
+
+
+def check_redundant(cfg: MoEConfig | dict, tokens: Sequence[int], hot: Sequence[int], extra_slots: int = 1,
+                    ranks_per_node: int | None = None, seed: int = 0) -> dict:
+    """On this rank: inference with and without redundant experts, against the unsharded layer.
+
+    The experts `hot` get a large correction bias (every token picks them), the loads of one call
+    are all-reduced and `ExpertParallel.place_redundant` plans and fetches the copies. Returns the
+    output errors before/after, the busiest/mean rank load before/after (measured) and the placement.
+    """
+    cfg = MoEConfig(**cfg) if isinstance(cfg, dict) else cfg
+    layers = [build_layer(cfg, seed).eval() for _ in range(2)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.gate.correction_bias[list(hot)] += 3.0
+    reference, sharded = layers[0], ExpertParallel(layers[1], ranks_per_node=ranks_per_node).eval()
+    x = rank_inputs(tokens, cfg.d_model, seed, "cpu")[dist.get_rank()][0]
+    with torch.no_grad():
+        expected, before = reference(x), sharded(x)
+        stats_before = sharded.last_stats
+        load_E = sharded.moe.last_routing.load.double()
+        dist.all_reduce(load_E)
+        placement = sharded.place_redundant(load_E, extra_slots)
+        after = sharded(x)
+    stats_after = sharded.last_stats
+    return {"error before": max_rel(before, expected), "error after": max_rel(after, expected),
+            "imbalance before": stats_before.load_imbalance, "imbalance after": stats_after.load_imbalance,
+            "rank load before": stats_before.rank_load, "rank load after": stats_after.rank_load,
+            "load": load_E, "placement": placement}

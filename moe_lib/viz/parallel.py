@@ -10,7 +10,7 @@ traces for every value, for `moe_lib.viz.widgets.live` and `static_slider`. Numb
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -153,4 +153,18 @@ def v3_argument_figure(top_ks: Sequence[int] = (4, 6, 8, 10, 12, 13, 14, 16),
     fig.add_hline(y=1.0, line_dash="dot", line_color="gray", row=1, col=2)
     fig.update_xaxes(title_text="experts per token K")
     fig.update_layout(height=360, margin={"t": 50, "b": 40}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def rank_load_figure(loads: Mapping[str, torch.Tensor], title: str) -> go.Figure:
+    """Each rank's expert work relative to the mean, one group of bars per setting (e.g. without and
+    with redundant experts); the dotted line is an even split."""
+    fig = go.Figure()
+    for name, load_R in loads.items():
+        load_R = load_R.double()
+        fig.add_trace(go.Bar(x=[f"rank {r}" for r in range(len(load_R))], y=_r(load_R / load_R.mean()),
+                             name=name))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
+    fig.update_layout(title=title, yaxis_title="load / mean", barmode="group", height=320,
+                      margin={"t": 50, "b": 40})
     return fig
