@@ -87,3 +87,6 @@ def test_figures_from_the_dry_run_name_it(dry_report):
     assert rows[0] == ["variant", "T = 1", "T = 16"]
     assert [r[0] for r in rows[1:]] == list(vr.LADDER) and rows[-1][1:] == ["-", "-"]
     assert "x)" in rows[2][1], "each step shows its speed-up over the previous one"
+    assert vr.ladder_markdown(dry_report).splitlines()[1] == "| --- | --- | --- |"
+    lines = vr.target_lines(dry_report)
+    assert len(lines) == 3 and lines[0].startswith("T = 1 forward: moe_lib:")

@@ -57,7 +57,8 @@ def roofline_figure(machines: Mapping[str, tuple[float, float]], cfg: MoEConfig 
 def make_explorer_figure(peak_tflops: float = 989.0, bandwidth_tbs: float = 3.35, tokens: int = 256,
                          ep_degree: int = 1) -> go.Figure:
     """The widget's figure for V3's layer: the roofline for this peak, bandwidth and EP degree with T
-    marked (left); at T, matmul time F/P against memory time B/W, the larger being the bound (right)."""
+    and T* marked (left); at T, matmul time F/P against memory time B/W, the larger being the bound
+    (right). Every element is a trace, so `static_slider` can switch them all."""
     cfg, peak, bandwidth = DEEPSEEK_V3, peak_tflops * 1e12, bandwidth_tbs * 1e12
     t_star = roofline.crossover_tokens(cfg, peak, bandwidth, ep_degree)
     hit = roofline.expected_experts_hit(ep_degree * tokens, cfg.n_routed, cfg.top_k) / ep_degree
@@ -67,11 +68,13 @@ def make_explorer_figure(peak_tflops: float = 989.0, bandwidth_tbs: float = 3.35
     per_expert = roofline.tokens_per_expert(cfg, tokens, ep_degree)
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.14,
                         subplot_titles=["attainable TFLOP/s", f"time at T = {tokens:,} (µs)"])
-    fig.add_trace(go.Scatter(x=TOKENS, y=_sig(attainable_tflops(cfg, TOKENS, peak, bandwidth, ep_degree)),
-                             mode="lines", name="roofline", showlegend=False), row=1, col=1)
+    curve = attainable_tflops(cfg, TOKENS, peak, bandwidth, ep_degree)
+    fig.add_trace(go.Scatter(x=TOKENS, y=_sig(curve), mode="lines", name="roofline", showlegend=False),
+                  row=1, col=1)
+    fig.add_trace(go.Scatter(x=[t_star, t_star], y=_sig([min(curve), max(curve)]), mode="lines", name="T*",
+                             line={"dash": "dot", "color": "gray"}, showlegend=False), row=1, col=1)
     fig.add_trace(go.Scatter(x=[tokens], y=_sig(attainable_tflops(cfg, [tokens], peak, bandwidth, ep_degree)),
-                             mode="markers", marker={"size": 11}, showlegend=False), row=1, col=1)
-    fig.add_vline(x=t_star, line_dash="dot", line_color="gray", row=1, col=1)
+                             mode="markers", marker={"size": 11}, name="T", showlegend=False), row=1, col=1)
     fig.add_trace(go.Bar(x=["matmul F/P", "memory B/W"], y=_sig([compute_us, memory_us]), showlegend=False,
                          marker_color=["#636efa", "#ef553b"]), row=1, col=2)
     fig.update_xaxes(type="log", title_text="tokens per GPU, T", row=1, col=1)
@@ -147,3 +150,23 @@ def ladder_rows(report: dict, mode: str = "forward") -> list[list[str]]:
             previous[e["tokens"]] = ms
         rows.append(cells)
     return rows
+
+
+def ladder_markdown(report: dict, mode: str = "forward") -> str:
+    """`ladder_rows` as a markdown table."""
+    rows = ladder_rows(report, mode)
+    table = [rows[0], ["---"] * len(rows[0])] + rows[1:]
+    return "\n".join("| " + " | ".join(row) + " |" for row in table)
+
+
+def target_lines(report: dict) -> list[str]:
+    """One line per (T, mode): the best of ours, its fraction of the bound against the target, and
+    whether it beat every peer."""
+    lines = []
+    for key, t in report["targets"].items():
+        tokens, mode = key.split("|")
+        lines.append(f"T = {int(tokens):,} {mode.replace('_', '+')}: {t['best_ours']} at "
+                     f"{t['roofline_fraction']:.0%} of the bound (target {t['fraction_target']:.0%}: "
+                     f"{'met' if t['fraction_met'] else 'missed'}); faster than every peer: "
+                     f"{'yes' if t['faster_than_every_peer'] else 'no'}")
+    return lines
