@@ -42,7 +42,25 @@ def test_moe_forward_has_no_host_sync_and_the_layer_has():
     assert "_local_scalar_dense" in found and "bincount" in found, found
 
 
-def test_moe_forward_refuses_capacity():
+def test_training_counts_loads_and_updates_the_bias_on_the_device():
+    cfg = tiny_cfg(**V3_LIKE, dispatch="loop", bias_update="step")
+    layer, twin = make_layer(cfg).train(), make_layer(cfg).train()
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 7, 64)
+    layer(x)
+    assert host_syncs(moe_forward, twin, x) == []
+    assert twin.gate.tokens_per_expert.sum() == 2 * 7 * 8
+    torch.testing.assert_close(twin.gate.tokens_per_expert, layer.gate.tokens_per_expert)
+    forward_update = make_layer(cfg.replace(bias_update="forward")).train()
+    bias = forward_update.gate.correction_bias.clone()
+    assert host_syncs(moe_forward, forward_update, x) == []
+    assert not torch.equal(forward_update.gate.correction_bias, bias)
+    assert forward_update.gate.tokens_per_expert.sum() == 0
+
+
+def test_moe_forward_refuses_capacity_and_auxiliary_losses():
+    with pytest.raises(ValueError, match="auxiliary loss"):
+        moe_forward(make_layer(tiny_cfg(**V3_LIKE, aux_loss="sequence")).train(), torch.randn(4, 64))
     layer = make_layer(tiny_cfg(**V3_LIKE, capacity_factor=1.0))
     with pytest.raises(ValueError, match="capacity_factor"):
         moe_forward(layer, torch.randn(4, 64))

@@ -142,8 +142,11 @@ def ours(layer: DeepSeekMoE, example: torch.Tensor) -> tuple[dict[str, Callable]
     if example.device.type != "cuda":
         return impls, {"moe_lib:graph": "needs CUDA", "moe_lib:device+stream": "needs CUDA"}
     stream = torch.cuda.Stream()
-    return {"moe_lib:graph": GraphedMoE(layer, example),
-            "moe_lib:device+stream": lambda x: moe_forward(layer, x, stream), **impls}, {}
+    impls = {"moe_lib:device+stream": lambda x: moe_forward(layer, x, stream), **impls}
+    try:
+        return {"moe_lib:graph": GraphedMoE(layer, example), **impls}, {}
+    except RuntimeError as err:
+        return impls, {"moe_lib:graph": f"capture failed: {type(err).__name__}: {err}"}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -153,23 +156,33 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def verify(impls: dict[str, Callable], layer: DeepSeekMoE, x: torch.Tensor, proj: torch.Tensor | None,
            tol: float) -> dict[str, dict]:
     """Largest relative errors against float32: y, and with `proj` dx and the sampled experts' weight
-    gradients (which must be exactly zero for experts no token visits)."""
+    gradients (which must be exactly zero for experts no token visits). An implementation that
+    raises is reported with its error instead of stopping the benchmark."""
     ref = float32_reference(layer, x, proj, SAMPLE_EXPERTS if proj is not None else ())
     results = {}
     for name, fn in impls.items():
-        if proj is None:
-            with torch.no_grad():
-                errors = {"y": rel_err(fn(x), ref.y)}
-        else:
+        try:
+            errors = _errors(fn, layer, x, proj, ref)
+        except Exception as err:  # a failure, ours or a peer's, is a result to report
+            results[name] = {"error": f"{type(err).__name__}: {err}", "ok": False}
             layer.zero_grad(set_to_none=True)
-            xg = x.detach().clone().requires_grad_()
-            y = fn(xg)
-            (y.float() * proj.float()).sum().backward()
-            errors = {"y": rel_err(y.detach(), ref.y), "dx": rel_err(xg.grad, ref.dx),
-                      "d_experts": _expert_grad_error(layer, ref.expert_grads)}
-            layer.zero_grad(set_to_none=True)
+            continue
         results[name] = {**errors, "ok": max(errors.values()) <= tol}
     return results
+
+
+def _errors(fn: Callable, layer: DeepSeekMoE, x: torch.Tensor, proj: torch.Tensor | None, ref) -> dict:
+    if proj is None:
+        with torch.no_grad():
+            return {"y": rel_err(fn(x), ref.y)}
+    layer.zero_grad(set_to_none=True)
+    xg = x.detach().clone().requires_grad_()
+    y = fn(xg)
+    (y.float() * proj.float()).sum().backward()
+    errors = {"y": rel_err(y.detach(), ref.y), "dx": rel_err(xg.grad, ref.dx),
+              "d_experts": _expert_grad_error(layer, ref.expert_grads)}
+    layer.zero_grad(set_to_none=True)
+    return errors
 
 
 def _expert_grad_error(layer: DeepSeekMoE, expected: dict) -> float:
