@@ -7,6 +7,8 @@ optimizer step, with c_i the tokens routed to expert i during that step,
 
 The bias only enters the top-k selection (see `moe_lib.router`). Loads are counted on the
 PREVIOUS step's batch, so no token's routing depends on tokens that come after it.
+Wang et al.'s ablation also tries a proportional rule, b_i <- b_i + gamma * (mean(c) - c_i) on the
+raw counts (`MoEConfig.bias_update_rule="proportional"`): its step grows with the imbalance.
 
 Auxiliary losses (all of the form alpha * sum_i f_i P_i):
     expert-level (DeepSeekMoE Eqs. 12-14, Switch): f_i = E/(K T) * #tokens choosing i, P_i = mean_t s'_{i,t}
@@ -37,6 +39,15 @@ def loss_free_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, speed: flo
     return bias_E + speed * torch.sign(load_E.mean() - load_E)
 
 
+def proportional_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, speed: float) -> torch.Tensor:
+    """Proportional variant: b + gamma * (mean(c) - c) on the raw token counts c (float32)."""
+    load_E = load_E.float()
+    return bias_E + speed * (load_E.mean() - load_E)
+
+
+BIAS_RULES = {"sign": loss_free_bias_update, "proportional": proportional_bias_update}
+
+
 @torch.no_grad()
 def update_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
     """Apply the loss-free update to every router in `model` and reset the accumulated loads.
@@ -55,9 +66,11 @@ def update_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> int
 
 @torch.no_grad()
 def apply_bias_update(router: Router) -> None:
-    """Update one router's bias from its accumulated loads (no communication), then reset them."""
-    router.correction_bias.copy_(loss_free_bias_update(
-        router.correction_bias, router.tokens_per_expert, router.cfg.bias_update_speed))
+    """Update one router's bias from its accumulated loads (no communication) by its
+    `bias_update_rule`, then reset the loads."""
+    rule = BIAS_RULES[router.cfg.bias_update_rule]
+    router.correction_bias.copy_(rule(router.correction_bias, router.tokens_per_expert,
+                                      router.cfg.bias_update_speed))
     router.tokens_per_expert.zero_()
 
 

@@ -14,6 +14,7 @@ GROUP_SCORES = ("auto", "top2_sum", "max", "topk_sum")
 ROUTE_LIMITS = ("none", "node", "device")
 DISPATCHES = ("loop", "sorted", "grouped")
 BIAS_UPDATES = ("step", "forward", "none")
+BIAS_RULES = ("sign", "proportional")
 AUX_LOSSES = ("none", "expert", "sequence", "batch", "device")
 
 
@@ -52,6 +53,9 @@ class MoEConfig:
         bias_update_speed: gamma of the loss-free bias update b += gamma * sign(mean(c) - c).
         bias_update: "step" (accumulate loads, apply with `update_bias` once per optimizer step, as
             DeepSeek-V3), "forward" (apply after every training forward, for demos) or "none".
+        bias_update_rule: "sign" (Wang et al. Alg. 1, DeepSeek-V3) or "proportional" (the variant
+            of Wang et al.'s ablation: b += gamma * (mean(c) - c) on the RAW token counts c of the
+            update, so gamma's effect scales with the tokens counted per update).
         aux_loss: "none", "expert" (DeepSeekMoE/Switch), "sequence" (V3 Eqs. 17-20), "batch" (V3
             Sec. 4.5.3: the sequence-wise loss over the whole batch; the same value as "expert") or
             "device" (DeepSeekMoE Sec. 3.3, reused by V2). Every one counts f_i on the top-K of the
@@ -80,6 +84,7 @@ class MoEConfig:
     capacity_factor: float | None = None
     bias_update_speed: float = 1e-3
     bias_update: str = "step"
+    bias_update_rule: str = "sign"
     aux_loss: str = "none"
     aux_loss_alpha: float = 0.0
     aux_loss_devices: int = 1
@@ -121,6 +126,7 @@ class MoEConfig:
         self._check_route_limit()
         _choice(self.dispatch, "dispatch", DISPATCHES)
         _choice(self.bias_update, "bias_update", BIAS_UPDATES)
+        _choice(self.bias_update_rule, "bias_update_rule", BIAS_RULES)
         _choice(self.aux_loss, "aux_loss", AUX_LOSSES)
         _check(self.route_scale > 0, "route_scale", self.route_scale, "a positive number")
         _check(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",

@@ -375,3 +375,56 @@ def test_state_dict_round_trip_keeps_bias_and_accumulated_loads():
     assert torch.equal(fresh.eval()(x), layer.eval()(x))
     update_bias(fresh), update_bias(layer)
     assert torch.equal(fresh.gate.correction_bias, layer.gate.correction_bias)
+
+
+# ---------------------------------------------------------------- proportional bias update (ablation)
+
+
+def test_proportional_update_formula_on_raw_counts():
+    from moe_lib.balance import proportional_bias_update
+
+    bias_E = torch.tensor([0.1, -0.2, 0.0, 0.3])
+    load_E = torch.tensor([10, 2, 5, 7])  # mean 6: errors mean - c = [-4, 4, 1, -1]
+    new = proportional_bias_update(bias_E, load_E, 0.01)
+    torch.testing.assert_close(new, torch.tensor([0.06, -0.16, 0.01, 0.29]))
+    assert new.dtype == torch.float32
+    # unlike the sign rule, the step scales with the counts: doubling them doubles the step
+    doubled = proportional_bias_update(bias_E, 2 * load_E, 0.01)
+    torch.testing.assert_close(doubled - bias_E, 2 * (new - bias_E))
+
+
+def test_update_bias_applies_each_routers_rule_on_its_accumulated_loads():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        make_layer(tiny_cfg(bias_update="step", bias_update_speed=1e-3, bias_update_rule="proportional")),
+        make_layer(tiny_cfg(bias_update="step", bias_update_speed=1e-3))).train()
+    before = [m.gate.correction_bias.clone() for m in model]
+    counts = [torch.zeros(8) for _ in model]
+    for _ in range(2):
+        x = torch.randn(40, 16)
+        for i, m in enumerate(model):
+            x = x + m(x)
+            counts[i] += m.last_routing.load.float()
+    assert update_bias(model) == 2
+    err_prop, err_sign = counts[0].mean() - counts[0], counts[1].mean() - counts[1]
+    assert err_prop.abs().max() > 1  # an uneven load, so the two rules differ
+    torch.testing.assert_close(model[0].gate.correction_bias, before[0] + 1e-3 * err_prop)
+    torch.testing.assert_close(model[1].gate.correction_bias, before[1] + 1e-3 * torch.sign(err_sign))
+    assert all((m.gate.tokens_per_expert == 0).all() for m in model)
+
+
+def test_proportional_rule_balances_a_skewed_gate():
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, d_expert=4, n_routed=16, n_shared=0, top_k=2, dispatch="sorted",
+                    bias_update="step", bias_update_speed=3e-3 / 256, bias_update_rule="proportional")
+    layer = DeepSeekMoE(cfg).train()  # 2048 tokens x top-2 / 16 experts: mean count 256 per step
+    u_H = F.normalize(torch.randn(16), dim=0)
+    with torch.no_grad():
+        layer.gate.weight += torch.linspace(1.0, -1.0, 16)[:, None] * u_H
+    vios = []
+    for _ in range(150):
+        with torch.no_grad():
+            layer(torch.randn(2048, 16) + 2 * u_H)
+        vios.append(max_vio(layer.last_routing.load))
+        update_bias(layer)
+    assert vios[0] > 3.0 and sum(vios[100:]) / 50 < 0.3

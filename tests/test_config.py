@@ -113,6 +113,7 @@ INT_FIELDS = ("d_model", "d_expert", "n_routed", "top_k", "n_groups", "topk_grou
 ENUMS = {"score_func": ("softmax", "sigmoid"), "group_score": ("auto", "top2_sum", "max", "topk_sum"),
          "route_limit": ("none", "node", "device"),
          "dispatch": ("loop", "sorted", "grouped"), "bias_update": ("step", "forward", "none"),
+         "bias_update_rule": ("sign", "proportional"),
          "aux_loss": ("none", "expert", "sequence", "batch", "device")}
 
 
@@ -204,6 +205,7 @@ def config_kwargs(valid_only: bool = False):
         "dispatch": pick(["loop", "sorted", "grouped"], ["fast"]),
         "bias_update_speed": pick([0.0, 1e-3, 0.5], [-1e-3]),
         "bias_update": pick(["step", "forward", "none"], ["epoch"]),
+        "bias_update_rule": pick(["sign", "proportional"], ["linear"]),
         "aux_loss": pick(["none", "expert", "sequence", "batch", "device"], ["z_loss"]),
         "aux_loss_alpha": pick([0.0, 0.1], [-0.1]),
         "aux_loss_devices": ints(1, 4),
