@@ -470,7 +470,7 @@ def add_parser(commands) -> None:
                      help="run the same code on the CPU at a small shape (checks the code, measures nothing)")
     gpu.add_argument("--tokens", type=int, nargs="+",
                      help=f"token counts (default {TOKENS}; dry run {DRY_TOKENS})")
-    gpu.add_argument("--reps", type=int, help="timed rounds (default 20; dry run 3)")
+    gpu.add_argument("--reps", type=int, help="timed rounds (default 20; dry run 2)")
     gpu.add_argument("--warmup", type=int, help="untimed rounds first (default 3; dry run 1)")
     gpu.add_argument("--rotations", type=int, help="input sets rotated over rounds (default 4; dry run 2)")
     gpu.add_argument("--backward-from", type=int,
