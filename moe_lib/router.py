@@ -138,9 +138,10 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def accumulate_load(self, indices_TK: torch.Tensor) -> None:
-        """Add this micro-batch's routed-token counts to `tokens_per_expert`."""
-        valid = indices_TK[indices_TK >= 0]
-        self.tokens_per_expert += torch.bincount(valid, minlength=self.cfg.n_routed).float()
+        """Add this micro-batch's routed-token counts to `tokens_per_expert` (-1, a dropped pair,
+        counts nothing). One scatter-add with fixed shapes: no host synchronisation on a GPU."""
+        flat_N = indices_TK.reshape(-1)
+        self.tokens_per_expert.index_add_(0, flat_N.clamp(min=0), (flat_N >= 0).float())
 
     def extra_repr(self) -> str:
         return f"n_routed={self.cfg.n_routed}, d_model={self.cfg.d_model}, top_k={self.cfg.top_k}"
