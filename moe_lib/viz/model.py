@@ -100,17 +100,19 @@ def params_figure(total: Mapping[str, int], active: Mapping[str, int], unit: flo
 
 # --- the KV cache ----------------------------------------------------------------------------------
 
+_CACHE_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b")
+
 def cache_rows(cfg: ModelConfig, gqa_groups: Sequence[int] = (8, 1),
                dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Cache bytes per token (all layers, one sequence) of MHA, GQA with each g in `gqa_groups`
     (g = 1: MQA) and MLA, with the same layers and head dims as `cfg`."""
     sizes = cache_bytes_per_token(cfg, dtype)
-    rows = [{"attention": f"MHA ({cfg.n_heads} heads)", "bytes": sizes["mha"]}]
+    rows = [{"attention": f"MHA ({cfg.n_heads} heads)", "short": "MHA", "bytes": sizes["mha"]}]
     for g in gqa_groups:
-        name = "MQA (1 KV head)" if g == 1 else f"GQA ({g} KV heads)"
-        rows.append({"attention": name, "bytes": sizes["mha"] * g / cfg.n_heads})
+        name, short = ("MQA (1 KV head)", "MQA") if g == 1 else (f"GQA ({g} KV heads)", f"GQA-{g}")
+        rows.append({"attention": name, "short": short, "bytes": sizes["mha"] * g / cfg.n_heads})
     rows.append({"attention": f"MLA (latent {cfg.kv_lora_rank} + rope key {cfg.qk_rope_head_dim})",
-                 "bytes": sizes["mla"]})
+                 "short": "MLA", "bytes": sizes["mla"]})
     return rows
 
 
@@ -124,19 +126,22 @@ def make_cache_figure(kv_lora_rank: int = 512, qk_rope_head_dim: int = 64, n_hea
     rows = cache_rows(cfg, dtype=dtype)
     fig = make_subplots(rows=1, cols=2, subplot_titles=["cache per token (KiB, all layers)",
                                                         "cache of one sequence (GiB)"])
-    names = [r["attention"] for r in rows]
+    names = [r["short"] for r in rows]
+    colors = [_CACHE_COLORS[i % len(_CACHE_COLORS)] for i in range(len(rows) - 1)] + ["#d62728"]
     fig.add_trace(go.Bar(x=names, y=_significant([r["bytes"] / 2**10 for r in rows]), showlegend=False,
-                         marker_color=["#7f7f7f"] * (len(rows) - 1) + ["#d62728"],
+                         marker_color=colors,
                          hovertemplate="%{x}: %{y} KiB per token<extra></extra>"), row=1, col=1)
-    for r in rows:
+    for r, color in zip(rows, colors, strict=True):
         fig.add_trace(go.Scatter(x=list(contexts), y=_significant([r["bytes"] * n / 2**30 for n in contexts]),
-                                 mode="lines+markers", name=r["attention"]), row=1, col=2)
+                                 mode="lines+markers", name=r["short"], line={"color": color}), row=1, col=2)
     fig.update_yaxes(type="log", row=1, col=1)
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_xaxes(type="log", title_text="context length (tokens)", row=1, col=2)
-    fig.update_layout(height=420, margin={"t": 50, "b": 40}, legend={"orientation": "h", "y": -0.35},
-                      title=f"{cfg.n_layers} layers, {cfg.n_heads} heads, {str(dtype).split('.')[-1]}: "
-                            f"MLA caches {cache_bytes_per_token(cfg, dtype)['ratio']:.1f}x less than MHA")
+    ratio = cache_bytes_per_token(cfg, dtype)["ratio"]
+    title = (f"{cfg.n_layers} layers, {cfg.n_heads} heads, latent {kv_lora_rank}, "
+             f"rope key {qk_rope_head_dim}, "
+             f"{str(dtype).split('.')[-1]}: MLA caches {ratio:.1f}x less than MHA")
+    fig.update_layout(height=420, margin={"t": 90, "b": 40}, title=title)
     return fig
 
 

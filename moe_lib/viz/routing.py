@@ -40,17 +40,17 @@ def routing_figure(trace: RoutingTrace, ids_T: torch.Tensor, n_experts: int, tit
     labels = byte_labels(ids_T)
     positions = list(range(len(labels)))
     n_layers = len(trace.layers)
-    fig = make_subplots(rows=n_layers, cols=1, shared_xaxes=True, vertical_spacing=0.03,
+    fig = make_subplots(rows=n_layers, cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         subplot_titles=[f"layer {layer}" for layer in trace.layers])
     zmax = round(float(gates_LET.max()), 2) or 1.0
     for row, gates_ET in enumerate(gates_LET, start=1):
         fig.add_trace(go.Heatmap(z=_r(gates_ET, 2), x=positions, y=list(range(n_experts)), zmin=0, zmax=zmax,
                                  colorscale="Blues", showscale=row == 1, colorbar={"title": "gate"},
-                                 customdata=[labels] * n_experts,
-                                 hovertemplate="byte %{x} %{customdata}<br>expert %{y}<br>gate %{z}"
-                                               "<extra></extra>"), row=row, col=1)
+                                 hovertemplate="byte %{x}<br>expert %{y}<br>gate %{z}<extra></extra>"),
+                      row=row, col=1)
         fig.update_yaxes(title_text="expert", row=row, col=1)
-    fig.update_xaxes(tickmode="array", tickvals=positions, ticktext=labels, tickangle=0, row=n_layers, col=1)
+    fig.update_xaxes(tickmode="array", tickvals=positions, ticktext=labels, tickangle=0, tickfont={"size": 9},
+                     row=n_layers, col=1)
     fig.update_layout(title=title, height=190 * n_layers + 80, margin={"t": 60, "b": 30})
     return fig
 
