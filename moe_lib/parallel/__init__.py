@@ -8,7 +8,8 @@ over the ranks of a process group (gloo on the CPU, NCCL on GPUs).
 - `stats`: per-call traffic and load statistics.
 - `cost`: a communication model of DeepSeek-V3's 64-way expert parallelism.
 - `launch`: run functions on N local ranks (`LocalRanks`, `run_local`) or under torchrun.
-`python -m moe_lib.parallel` (under torchrun) checks a sharded layer against the unsharded one.
+- `demo`: the check every rank runs for `python -m moe_lib.parallel` (under torchrun or on local
+  ranks) and for chapter 8: a sharded layer against the unsharded one, and its traffic.
 """
 
 from .launch import LocalRanks, RankError, run_local
