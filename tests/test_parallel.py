@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from moe_lib import DeepSeekMoE, MoEConfig, update_bias
 from moe_lib.balance import apply_bias_update
-from moe_lib.parallel import ExpertParallel, LocalRanks, RankError
+from moe_lib.parallel import ExpertParallel, LocalRanks, RankError, run_local
 from moe_lib.parallel.dispatch import plan_dispatch
 
 TOLERANCE = 1e-6
@@ -318,8 +318,7 @@ def test_a_rank_that_never_joins_fails_fast_instead_of_hanging():
 
 def test_a_rank_that_skips_the_forward_times_out_the_others():
     start = time.perf_counter()
-    with LocalRanks(2, timeout=3) as pool:
-        waiting, skipped = pool.run(skip_forward_on_rank_1)
+    waiting, skipped = run_local(skip_forward_on_rank_1, 2, timeout=3)
     assert skipped == "skipped"
     assert "every rank of the group must call forward" in waiting and "Timed out" in waiting, waiting
     assert time.perf_counter() - start < 30

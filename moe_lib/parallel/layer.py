@@ -105,12 +105,16 @@ class ExpertParallel(nn.Module):
         """Counts, dispatch, local experts, combine: the routed part of the output, [T, H]."""
         start = time.perf_counter()
         try:
-            splits, _ = exchange_counts(plan, self.group)
+            splits, recv_RS = exchange_counts(plan, self.group)
         except RuntimeError as err:
             raise RuntimeError(f"ExpertParallel (rank {self.rank} of {self.world}): the all-to-all of the "
                                "token counts failed; every rank of the group must call forward (and "
                                f"backward) once per step, even with no tokens. {err}") from err
         local_MK = all_to_all(plan.local_NK, splits, self.group)
+        received_S = torch.bincount(local_MK[local_MK >= 0], minlength=recv_RS.shape[1])
+        if not torch.equal(received_S, recv_RS.sum(dim=0)):  # the announced per-expert loads
+            raise RuntimeError(f"ExpertParallel (rank {self.rank}): the expert ids received do not match "
+                               "the announced per-expert counts")
         weights_NK = weights_TK.index_select(0, plan.token_N).masked_fill(plan.local_NK < 0, 0.0)
         x_MH, weights_MK = Dispatch.apply(x_TH.index_select(0, plan.token_N), weights_NK, splits,
                                           self.group, self.fp8_dispatch)
