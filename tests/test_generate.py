@@ -64,7 +64,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_bad_arguments():
     model = make_model(tiny_model_cfg())
     prompt = torch.randint(0, 61, (1, 30))
-    with pytest.raises(NotImplementedError, match="speculative"):
+    with pytest.raises(ValueError, match="speculative decoding needs MTP modules"):
         generate(model, prompt, 2, speculative=True)
     with pytest.raises(ValueError, match="prompt of 30 tokens \\+ max_new_tokens=11 = 41 > max_seq_len=40"):
         generate(model, prompt, 11)

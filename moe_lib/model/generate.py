@@ -32,6 +32,23 @@ def pick_next(logits_BV: torch.Tensor, temperature: float, top_p: float | None,
     return torch.multinomial(next_token_probs(logits_BV, temperature, top_p), 1, generator=generator)[:, 0]
 
 
+def check_generation(model: Transformer, prompt_BS, max_new_tokens: int, temperature: float,
+                     top_p: float | None) -> None:
+    """Raise a TypeError/ValueError naming the problem unless the arguments of `generate` are valid
+    (prompt [B, S])."""
+    cfg = model.cfg
+    check_ids(prompt_BS, cfg.vocab_size, cfg.max_seq_len)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 0")
+    if prompt_BS.shape[1] + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt of {prompt_BS.shape[1]} tokens + max_new_tokens={max_new_tokens} = "
+                         f"{prompt_BS.shape[1] + max_new_tokens} > max_seq_len={cfg.max_seq_len}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is invalid: expected None or a number in (0, 1]")
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float | None = None, speculative: bool = False, generator: torch.Generator | None = None,
@@ -41,23 +58,19 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
     temperature 0: greedy (argmax, top_p ignored); > 0: sample from softmax(logits / temperature),
     within the top_p nucleus when given, using `generator` (or a fresh one seeded with `seed`).
     Runs the model in eval mode (restored afterwards) with its KV cache.
+    speculative=True: the MTP modules draft and the main model verifies, with the same greedy
+    output and the same sampling distribution (batch size 1; `speculative.speculative_generate`
+    also returns the acceptance statistics and chooses the draft depth).
     """
     if speculative:
-        raise NotImplementedError("speculative decoding with the MTP modules is not implemented yet")
+        from .speculative import speculative_generate  # it imports this module
+
+        return speculative_generate(model, prompt_ids, max_new_tokens, temperature, top_p,
+                                    generator=generator, seed=seed)[0]
     if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 1:
         return generate(model, prompt_ids.unsqueeze(0), max_new_tokens, temperature, top_p,
                         generator=generator, seed=seed)[0]
-    cfg = model.cfg
-    check_ids(prompt_ids, cfg.vocab_size, cfg.max_seq_len)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 0")
-    if prompt_ids.shape[1] + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt of {prompt_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} = "
-                         f"{prompt_ids.shape[1] + max_new_tokens} > max_seq_len={cfg.max_seq_len}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} is invalid: expected None or a number in (0, 1]")
+    check_generation(model, prompt_ids, max_new_tokens, temperature, top_p)
     if generator is None and seed is not None:
         generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
     was_training = model.training
