@@ -196,6 +196,8 @@ def _cfg(**changes) -> MoEConfig:
 
 @pytest.mark.parametrize("changes, message", [
     (dict(capacity_factor=1.25), "capacity_factor=1.25"),
+    (dict(route_limit="node", limit_units=4, limit_max=2), "route_limit='node'"),
+    (dict(route_limit="device", limit_units=4, limit_max=2), "route_limit='device'"),
     (dict(score_func="softmax"), "norm_topk_prob=True with softmax"),
     (dict(score_func="sigmoid", group_score="max", n_groups=4, topk_groups=2), "group_score='max'"),
     (dict(score_func="softmax", norm_topk_prob=False, group_score="top2_sum", n_groups=4, topk_groups=2),

@@ -143,6 +143,9 @@ def _check_expressible(moe: DeepSeekMoE) -> None:
     cfg = moe.cfg
     if cfg.capacity_factor is not None:
         _inexpressible(f"capacity_factor={cfg.capacity_factor!r} (transformers is dropless; use None)")
+    if cfg.route_limit != "none":
+        _inexpressible(f"route_limit={cfg.route_limit!r} (transformers has no node- or device-limited "
+                       "routing)")
     if cfg.score_func == "sigmoid" and cfg.n_routed < 2:
         _inexpressible("sigmoid routing with n_routed=1 (DeepseekV3MoE scores groups by their top 2)")
     limited = cfg.topk_groups < cfg.n_groups
