@@ -66,6 +66,8 @@ def test_greedy_equals_plain_greedy(mtp_depth, depth, n_prompts):
             assert torch.equal(out, expected), prompt.tolist()
             assert stats.new_tokens == n_new and sum(stats.accepted) + stats.steps + 1 == n_new
             assert all(a <= d for a, d in zip(stats.accepted, stats.drafted, strict=True))
+            assert len(stats.sources) == n_new and stats.sources.count(0) == stats.steps + 1
+            assert [stats.sources.count(k) for k in range(1, depth + 1)] == stats.accepted
             total = add(total, stats)
     assert 0.3 < total.acceptance[0] < 0.9, total  # partial acceptance: rollback is exercised
     assert all(a > 0 for a in total.accepted), total

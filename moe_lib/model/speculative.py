@@ -40,6 +40,8 @@ class SpeculationStats:
     which yields the first token, is not counted); new_tokens: tokens generated;
     drafted[k-1] / accepted[k-1]: drafts proposed / accepted at draft position k (position k is
     only reached when positions 1..k-1 were accepted, and near the end fewer positions are drafted).
+    sources: per generated token, k if it is an accepted draft of position k, 0 if the main model
+    chose it (the first token, a correction after a rejection, or the bonus token).
     """
 
     depth: int
@@ -47,6 +49,7 @@ class SpeculationStats:
     new_tokens: int = 0
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.drafted = self.drafted or [0] * self.depth
@@ -66,6 +69,38 @@ class SpeculationStats:
         return {"depth": self.depth, "steps": self.steps, "new_tokens": self.new_tokens,
                 "drafted": self.drafted, "accepted": self.accepted, "acceptance": self.acceptance,
                 "tokens_per_step": self.tokens_per_step}
+
+
+def expected_tokens(acceptance: float | list[float], depth: int | None = None) -> float:
+    """Expected tokens per verification step (one main-model forward).
+
+    With one acceptance rate a for every draft position (accepted drafts i.i.d.):
+        E = 1 + a + a^2 + .. + a^D = (1 - a^(D+1)) / (1 - a)
+    With the rate a_k of draft position k given that positions 1..k-1 passed (a list):
+        E = 1 + a_1 + a_1 a_2 + .. + a_1 a_2 .. a_D
+    """
+    if isinstance(acceptance, (int, float)):
+        if depth is None:
+            raise ValueError("expected_tokens: give the depth D with a single acceptance rate")
+        rates = [acceptance] * depth
+    else:
+        rates = list(acceptance)
+    expected, passed = 1.0, 1.0
+    for rate in rates:
+        passed *= rate
+        expected += passed
+    return expected
+
+
+def predicted_speedup(acceptance: float | list[float], depth: int, draft_cost: float,
+                      verify_cost: float = 1.0) -> float:
+    """Tokens/s of speculative over plain decoding: speedup = E / (v + D c).
+
+    c: the time of one MTP module step over one main-model step (draft cost ratio); v: the time of
+    the main model verifying D+1 tokens in one forward over its one-token step (1 when the chunk
+    costs no more than one token, as on a GPU far from its compute limit).
+    """
+    return expected_tokens(acceptance, depth) / (verify_cost + depth * draft_cost)
 
 
 def greedy_verify(target_K: torch.Tensor, drafts_D: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -128,6 +163,7 @@ class Speculator:
                                    self.generator)[0]
         self.m = n
         self.stats.new_tokens = 1
+        self.stats.sources.append(0)
 
     def draft(self, n_drafts: int) -> torch.Tensor:
         """Drafts d_1..d_n into seq[m+1 .. m+n]; returns the draft probabilities q [n, V] when
@@ -169,6 +205,7 @@ class Speculator:
         stats = self.stats
         stats.steps += 1
         stats.new_tokens += n + 1
+        stats.sources += [*range(1, n + 1), 0]
         for k in range(n_drafts):
             stats.drafted[k] += 1
             stats.accepted[k] += k < n
