@@ -12,7 +12,7 @@ from moe_lib.train import loop
 from moe_lib.train.__main__ import main as train_main
 from moe_lib.train.checkpoint import load_train_state
 from moe_lib.train.data import synthetic_corpus
-from moe_lib.train.loop import TrainConfig, Trainer, lr_factor, mtp_lambda_at, train
+from moe_lib.train.loop import TrainConfig, Trainer, load_corpus, lr_factor, mtp_lambda_at, train
 from moe_lib.train.presets import make_config
 
 
@@ -102,7 +102,16 @@ def test_resume_is_bit_identical(tmp_path):
     train(cfg, tmp_path / "resumed", progress=False, resume=True)
     a, b = load_train_state(tmp_path / "straight"), load_train_state(tmp_path / "resumed")
     assert a["step"] == b["step"] == 5
+    # moe_lib.kernels draws random operands from the global torch RNG when it first times a GEMM
+    # shape, at different moments in the two runs; the loop's own restore of it is checked below
+    torch_a, torch_b = a["rng"].pop("torch"), b["rng"].pop("torch")
     _assert_identical(a, b)
+    assert torch_a.shape == torch_b.shape
+    trainer = Trainer.create(cfg, load_corpus(cfg))
+    torch.manual_seed(1234)
+    trainer.resume(tmp_path / "resumed")
+    assert torch.equal(torch.get_rng_state(), torch_b)
+    assert trainer.step == 5 and trainer.windows.batches == 5 * cfg.grad_accum
     from safetensors.torch import load_file
 
     wa, wb = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))

@@ -129,8 +129,9 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def config_diff(a: ModelConfig, b: ModelConfig) -> dict[str, tuple]:
-    """{field: (value in a, value in b)} for every differing field; MoE fields as "moe.<field>"."""
+def config_diff(a, b) -> dict[str, tuple]:
+    """{field: (value in a, value in b)} for every differing field of two configs (anything with
+    `to_dict`); nested fields as "moe.top_k", "model.moe.top_k"."""
     flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
     return {k: (flat_a.get(k), flat_b.get(k)) for k in sorted(flat_a.keys() | flat_b.keys())
             if flat_a.get(k) != flat_b.get(k)}

@@ -34,11 +34,20 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..balance import LoadMonitor, load_cv, max_vio, update_bias
-from ..model import ModelConfig, Transformer
+from ..model import ModelConfig, Transformer, generate
 from ..model.mtp import mtp_objective
 from ..moe import DeepSeekMoE
 from . import checkpoint
-from .data import Corpus, Windows, bigram_cross_entropy, eval_windows, stdlib_corpus, synthetic_corpus
+from .data import (
+    Corpus,
+    Windows,
+    bigram_cross_entropy,
+    decode,
+    encode,
+    eval_windows,
+    stdlib_corpus,
+    synthetic_corpus,
+)
 
 CORPORA = ("stdlib", "synthetic")
 METRICS_FILE = "metrics.jsonl"
@@ -286,7 +295,7 @@ class Trainer:
         """Restore the state saved in `out_dir`; its TrainConfig must match except observation fields."""
         state = checkpoint.load_train_state(out_dir)
         saved = TrainConfig.from_dict(json.loads(state["train_config"]))
-        diff = {k: v for k, v in _config_diff(saved, self.cfg).items()
+        diff = {k: v for k, v in checkpoint.config_diff(saved, self.cfg).items()
                 if k.split(".")[0] not in OBSERVATION_FIELDS}
         if diff:
             raise ValueError(f"cannot resume from {out_dir}: it was trained with a different config: "
@@ -302,19 +311,6 @@ class Trainer:
 
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def _config_diff(a: TrainConfig, b: TrainConfig) -> dict[str, tuple]:
-    flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
-    return {k: (flat_a.get(k), flat_b.get(k)) for k in sorted(flat_a.keys() | flat_b.keys())
-            if flat_a.get(k) != flat_b.get(k)}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -378,9 +374,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
 
 def samples(model: Transformer, prompts: tuple[str, ...], n_tokens: int) -> dict[str, str]:
     """Greedy continuations of each prompt (byte-level), as text."""
-    from ..model import generate
-    from .data import decode, encode
-
     model.eval()
     out = {}
     for prompt in prompts:
