@@ -14,7 +14,6 @@ import moe_lib.model.speculative as spec
 from moe_lib import generate
 from moe_lib.model.generate import next_token_probs
 from moe_lib.model.speculative import (
-    SpeculationStats,
     greedy_verify,
     rejection_verify,
     residual_probs,
@@ -42,14 +41,6 @@ def prompts(n: int, vocab: int, max_len: int):
     return [torch.randint(0, vocab, (lengths[i % len(lengths)],)) for i in range(n)]
 
 
-def add(total: SpeculationStats | None, stats: SpeculationStats) -> SpeculationStats:
-    if total is None:
-        return stats
-    return SpeculationStats(stats.depth, total.steps + stats.steps, total.new_tokens + stats.new_tokens,
-                            [a + b for a, b in zip(total.drafted, stats.drafted, strict=True)],
-                            [a + b for a, b in zip(total.accepted, stats.accepted, strict=True)])
-
-
 @pytest.mark.parametrize("mtp_depth,depth,n_prompts", [(2, 2, 50), (2, 1, 18), (3, 3, 18)])
 def test_greedy_equals_plain_greedy(mtp_depth, depth, n_prompts):
     """Prompts of length 1 up to max_seq_len - 1; the longest generate up to max_seq_len exactly."""
@@ -68,11 +59,13 @@ def test_greedy_equals_plain_greedy(mtp_depth, depth, n_prompts):
             assert all(a <= d for a, d in zip(stats.accepted, stats.drafted, strict=True))
             assert len(stats.sources) == n_new and stats.sources.count(0) == stats.steps + 1
             assert [stats.sources.count(k) for k in range(1, depth + 1)] == stats.accepted
-            total = add(total, stats)
+            total = stats if total is None else total + stats
     assert 0.3 < total.acceptance[0] < 0.9, total  # partial acceptance: rollback is exercised
     assert all(a > 0 for a in total.accepted), total
     assert depth == 1 or total.drafted[-1] < total.drafted[0]  # later positions follow acceptances
     assert 1.2 < total.tokens_per_step < depth + 1
+    assert total.tokens_per_step == pytest.approx((total.new_tokens - n_prompts) / total.steps)
+    assert all(r <= a for r, a in zip(total.reached[1:], total.accepted, strict=False))
 
 
 def uncached_reference(model, prompt: torch.Tensor, n_new: int, depth: int) -> tuple[list, list, int]:

@@ -110,7 +110,7 @@ def generation(model: Transformer, prompts_NS: torch.Tensor, new_tokens: int, de
         for prompt in prompts_NS:
             out, s = speculative_generate(model, prompt, new_tokens, depth=d)
             mismatches[d] += not torch.equal(out, generate(model, prompt, new_tokens))
-            total = s if total is None else add_stats(total, s)
+            total = s if total is None else total + s
         stats[d] = total
     seconds = {m: [0.0] * rounds for m in methods}
     for r in range(rounds):
@@ -136,13 +136,6 @@ def generation(model: Transformer, prompts_NS: torch.Tensor, new_tokens: int, de
     return result
 
 
-def add_stats(a, b):
-    """The sum of two `SpeculationStats` of the same depth."""
-    return type(a)(a.depth, a.steps + b.steps, a.new_tokens + b.new_tokens,
-                   [x + y for x, y in zip(a.drafted, b.drafted, strict=True)],
-                   [x + y for x, y in zip(a.accepted, b.accepted, strict=True)])
-
-
 def predictions(gen: dict, costs: dict) -> dict:
     """Speedup predicted from the measured acceptance and costs, per depth."""
     ms = costs["ms"]
@@ -150,7 +143,7 @@ def predictions(gen: dict, costs: dict) -> dict:
     out = {"draft_cost_c": c}
     for d, g in gen["speculative"].items():
         v = ms[f"verify_{int(d) + 1}"] / ms["main_step"]
-        rates = g["acceptance"]
+        rates = g["conditional_acceptance"]
         out[d] = {"verify_cost_v": v, "expected_tokens_per_step": expected_tokens(rates),
                   "expected_tokens_iid": expected_tokens(rates[0], int(d)),
                   "speedup_predicted": predicted_speedup(rates, int(d), c, v),
@@ -224,7 +217,8 @@ def format_report(r: dict) -> str:
                  f"{gen['plain_tokens_per_s']:.1f} tokens/s")
     for d, g in gen["speculative"].items():
         p = pred[d]
-        lines.append(f"  D={d}: acceptance per position {', '.join(f'{a:.3f}' for a in g['acceptance'])}; "
+        cond = "" if d == "1" else f" (given the previous accepted: {_join(g['conditional_acceptance'])})"
+        lines.append(f"  D={d}: acceptance per position {_join(g['acceptance'])}{cond}; "
                      f"{g['tokens_per_step']:.2f} tokens per verification; {g['tokens_per_s']:.1f} tokens/s, "
                      f"speedup {g['speedup']:.2f}x (predicted E/(v+Dc) = {p['expected_tokens_per_step']:.2f}"
                      f"/({p['verify_cost_v']:.2f}+{d}*{pred['draft_cost_c']:.2f}) = "
@@ -233,6 +227,10 @@ def format_report(r: dict) -> str:
     one = gen["speculative"]["1"]
     lines += [f"acceptance: {one['acceptance'][0]:.3f}", f"speedup: {one['speedup']:.2f}"]
     return "\n".join(lines)
+
+
+def _join(values: list[float]) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
 
 
 def add_parser(commands) -> None:

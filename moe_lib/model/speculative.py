@@ -38,8 +38,9 @@ class SpeculationStats:
 
     depth: draft depth D; steps: verification forwards of the main model (the prompt's forward,
     which yields the first token, is not counted); new_tokens: tokens generated;
-    drafted[k-1] / accepted[k-1]: drafts proposed / accepted at draft position k (position k is
-    only reached when positions 1..k-1 were accepted, and near the end fewer positions are drafted).
+    drafted[k-1] / accepted[k-1]: drafts proposed / accepted at draft position k; a draft is
+    accepted only if every draft before it in its step was (near the end, fewer positions are drafted).
+    reached[k-1]: drafts at position k whose predecessors were all accepted, so that it was tested.
     sources: per generated token, k if it is an accepted draft of position k, 0 if the main model
     chose it (the first token, a correction after a rejection, or the bonus token).
     """
@@ -49,25 +50,48 @@ class SpeculationStats:
     new_tokens: int = 0
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    reached: list[int] = field(default_factory=list)
     sources: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.drafted = self.drafted or [0] * self.depth
         self.accepted = self.accepted or [0] * self.depth
+        self.reached = self.reached or [0] * self.depth
 
     @property
     def acceptance(self) -> list[float]:
-        """Accepted / drafted at each draft position (nan where nothing was drafted)."""
+        """Accepted / drafted at each draft position: the probability that a step's k-th draft is
+        accepted (so that E = 1 + sum_k acceptance[k]); nan where nothing was drafted."""
         return [a / d if d else float("nan") for a, d in zip(self.accepted, self.drafted, strict=True)]
 
     @property
+    def conditional_acceptance(self) -> list[float]:
+        """Accepted / reached at each draft position: the rate a_k of position k given that
+        positions 1..k-1 were accepted (the rates of `expected_tokens`)."""
+        return [a / r if r else float("nan") for a, r in zip(self.accepted, self.reached, strict=True)]
+
+    def __add__(self, other: SpeculationStats) -> SpeculationStats:
+        """The statistics of two generations together (same depth)."""
+        if other.depth != self.depth:
+            raise ValueError(f"cannot add SpeculationStats of depths {self.depth} and {other.depth}")
+
+        def add(a: list[int], b: list[int]) -> list[int]:
+            return [x + y for x, y in zip(a, b, strict=True)]
+
+        return SpeculationStats(self.depth, self.steps + other.steps, self.new_tokens + other.new_tokens,
+                                add(self.drafted, other.drafted), add(self.accepted, other.accepted),
+                                add(self.reached, other.reached), self.sources + other.sources)
+
+    @property
     def tokens_per_step(self) -> float:
-        """Tokens per verification forward (the first token, from the prompt's forward, excluded)."""
-        return (self.new_tokens - 1) / self.steps if self.steps else float("nan")
+        """Tokens per verification forward: 1 from the main model plus the accepted drafts (the
+        first token of a generation, from the prompt's forward, is not counted)."""
+        return 1 + sum(self.accepted) / self.steps if self.steps else float("nan")
 
     def to_dict(self) -> dict:
         return {"depth": self.depth, "steps": self.steps, "new_tokens": self.new_tokens,
-                "drafted": self.drafted, "accepted": self.accepted, "acceptance": self.acceptance,
+                "drafted": self.drafted, "accepted": self.accepted, "reached": self.reached,
+                "acceptance": self.acceptance, "conditional_acceptance": self.conditional_acceptance,
                 "tokens_per_step": self.tokens_per_step}
 
 
@@ -208,6 +232,7 @@ class Speculator:
         stats.sources += [*range(1, n + 1), 0]
         for k in range(n_drafts):
             stats.drafted[k] += 1
+            stats.reached[k] += k <= n
             stats.accepted[k] += k < n
 
 

@@ -6,6 +6,9 @@ Numbers in the figures are rounded (`DIGITS`) so that executed notebooks store r
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -15,6 +18,18 @@ from ..model.speculative import expected_tokens, predicted_speedup
 DIGITS = 3
 SOURCE_COLORS = ("#9aa5b1", "#2a9d8f", "#e9c46a", "#e76f51", "#6a4c93")  # main model, draft 1, 2, ..
 VISIBLE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192"}  # space, newline, tab as visible marks
+
+
+def benchmark_report(name: str = "mtp") -> dict:
+    """The committed `benchmarks/<name>.json` of the repository: next to the `moe_lib` package or in
+    the working directory or one of its parents (a chapter runs in `chapters/`)."""
+    package_root = Path(__file__).resolve().parents[2]
+    for base in (package_root, Path.cwd(), *Path.cwd().parents):
+        candidate = base / "benchmarks" / f"{name}.json"
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise FileNotFoundError(f"no benchmarks/{name}.json next to moe_lib ({package_root}) or above "
+                            f"{Path.cwd()}: run `python -m moe_lib.bench {name}` in the repository")
 
 
 def speedup_curves(acceptance: float = 0.85, depth: int = 1, draft_cost: float = 0.1,
@@ -46,7 +61,8 @@ def token_sources(tokens: list[str], sources: list[int], per_row: int = 48,
     or an accepted draft of position k (k)."""
     n_rows = -(-len(tokens) // per_row)
     pad = n_rows * per_row - len(tokens)
-    z = np.array(list(sources) + [np.nan] * pad, dtype=float).reshape(n_rows, per_row)
+    cells = [int(k) for k in sources] + [None] * pad  # None: no token (JSON null, not NaN)
+    z = [cells[r * per_row:(r + 1) * per_row] for r in range(n_rows)]
     shown = [VISIBLE.get(t, t) for t in tokens] + [""] * pad
     text = np.array(shown, dtype=object).reshape(n_rows, per_row)
     n_colors = int(max(sources, default=0)) + 1
@@ -54,7 +70,7 @@ def token_sources(tokens: list[str], sources: list[int], per_row: int = 48,
     for k in range(n_colors):
         colorscale += [[k / n_colors, SOURCE_COLORS[k]], [(k + 1) / n_colors, SOURCE_COLORS[k]]]
     labels = ["main model"] + [f"draft {k}" for k in range(1, n_colors)]
-    fig = go.Figure(go.Heatmap(z=z.tolist(), text=text.tolist(), texttemplate="%{text}", zmin=-0.5,
+    fig = go.Figure(go.Heatmap(z=z, text=text.tolist(), texttemplate="%{text}", zmin=-0.5,
                                zmax=n_colors - 0.5, colorscale=colorscale, xgap=1, ygap=1,
                                colorbar={"tickvals": list(range(n_colors)), "ticktext": labels},
                                hovertemplate="%{text}<extra></extra>"))
