@@ -33,7 +33,7 @@ _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 ONEDNN = _LINEAR is not None and torch.backends.mkldnn.is_available()
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 HAS_GROUPED_MM = _GROUPED_MM is not None
-MARGIN = 1.05  # oneDNN must beat torch.mm by 5% to be chosen: noise does not flip the default
+MARGIN = 1.1  # oneDNN must beat torch.mm by 10% to be chosen: noise does not flip the default
 
 
 if ONEDNN:
@@ -60,11 +60,11 @@ _CHOICES_LOCK = threading.Lock()
 
 
 def _key(a_MK: torch.Tensor, b_KN: torch.Tensor) -> tuple:
-    """Shape class of a @ b: dtype, threads, operand layouts, rows rounded up to a power of two
-    (8 to 1024), K and N."""
-    rows = min(1024, max(8, 1 << (a_MK.shape[0] - 1).bit_length()))
+    """Shape class of a @ b: dtype, threads, operand layouts, and M, K, N each rounded up to a power
+    of two between 8 and 1024."""
+    m, k, n = (min(1024, max(8, 1 << (d - 1).bit_length())) for d in (*a_MK.shape, b_KN.shape[1]))
     return (str(a_MK.dtype).removeprefix("torch."), torch.get_num_threads(), a_MK.stride(0) == 1,
-            b_KN.stride(0) == 1, rows, a_MK.shape[1], b_KN.shape[1])
+            b_KN.stride(0) == 1, m, k, n)
 
 
 def _random_like_layout(rows: int, cols: int, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -171,17 +171,19 @@ def run_tasks(task: Callable, items: Sequence, inline: bool = False) -> None:
     thread each; a free worker takes the next item (so give the largest first).
 
     Runs in the calling thread, with its threads, when `inline`, with one thread or one item, or
-    when called from a worker. Tasks run in the caller's grad mode; exceptions propagate.
+    when called from a worker. Tasks run in the caller's grad and inference modes; exceptions
+    propagate.
     """
     n = min(torch.get_num_threads(), len(items))
     if inline or n <= 1 or getattr(_LOCAL, "worker", False):
         for item in items:
             task(item)
         return
-    queue, lock, grad = iter(items), threading.Lock(), torch.is_grad_enabled()
+    queue, lock = iter(items), threading.Lock()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def drain() -> None:
-        with torch.set_grad_enabled(grad):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             while True:
                 with lock:
                     item = next(queue, None)
@@ -224,15 +226,16 @@ class RowPlan(NamedTuple):
 
     counts_E: rows per expert. token_N: the row of x each row reads (None: row n reads row n).
     position_TK: for each output row, the K rows summed into it (n_rows: a zero row, for dropped
-    pairs); None: row n is output row n. blocks: the tasks, largest first. partials: (expert, slot)
-    pairs whose partial weight gradients are summed. inline: too little work for the workers.
+    pairs); None: row n is output row n. blocks: the tasks, largest first. partials: (expert, first,
+    stop): the extra slots [first, stop) that hold partial weight gradients of a split expert.
+    inline: too little work for the workers.
     """
 
     counts_E: list[int]
     token_N: torch.Tensor | None
     position_TK: torch.Tensor | None
     blocks: list[Block]
-    partials: list[tuple[int, int]]
+    partials: list[tuple[int, int, int]]
     inline: bool
 
     @property
@@ -241,7 +244,7 @@ class RowPlan(NamedTuple):
 
     @property
     def n_slots(self) -> int:
-        return len(self.counts_E) + len(self.partials)
+        return max([len(self.counts_E)] + [stop for _, _, stop in self.partials])
 
 
 def plan_rows(counts_E: list[int], token_N: torch.Tensor | None, position_TK: torch.Tensor | None,
@@ -254,14 +257,15 @@ def plan_rows(counts_E: list[int], token_N: torch.Tensor | None, position_TK: to
         return RowPlan(counts_E, token_N, position_TK, [Block(None, 0, n_rows, None)], [], True)
     threads = 1 if inline or x_TH.device.type != "cpu" else torch.get_num_threads()
     most = max(1, n_rows) if threads == 1 else max(64, math.ceil(n_rows / (4 * threads)))
-    blocks, partials, start = [], [], 0
+    blocks, partials, start, extra = [], [], 0, n_experts
     for e, count in enumerate(counts_E):
         pieces = math.ceil(count / most)
         for i in range(pieces):
-            slot = e if i == 0 else n_experts + len(partials)
-            if i:
-                partials.append((e, slot))
+            slot = e if i == 0 else extra + i - 1
             blocks.append(Block(e, start + count * i // pieces, start + count * (i + 1) // pieces, slot))
+        if pieces > 1:
+            partials.append((e, extra, extra + pieces - 1))
+            extra += pieces - 1
         start += count
     blocks.sort(key=lambda b: b.start - b.stop)
     return RowPlan(counts_E, token_N, position_TK, blocks, partials, inline)
@@ -364,8 +368,8 @@ class ExpertSwiGLU(torch.autograd.Function):
         run_tasks(task, plan.blocks, plan.inline)
         n_experts = len(plan.counts_E)
         for grad_SOK in (grad_gate_up_SFH, grad_down_SHI):
-            for e, slot in plan.partials:
-                grad_SOK[e] += grad_SOK[slot]
+            for e, first, stop in plan.partials:
+                grad_SOK[e] += grad_SOK[first:stop].sum(dim=0)
             for e, count in enumerate(plan.counts_E):
                 if count == 0:
                     grad_SOK[e].zero_()

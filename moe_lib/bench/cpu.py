@@ -1,17 +1,24 @@
-"""``python -m moe_lib.bench cpu``: the MoE layer at the book's reference config (`presets.BOOK`) on T
-tokens in float32, our dispatch paths against transformers' `DeepseekV3MoE` experts implementations, all with the same
-weights, in one process. Every repetition visits every implementation in turn (the order rotates),
-so a slower moment of the machine hits them all alike; we report medians after warm-up rounds.
+"""``python -m moe_lib.bench cpu``: the MoE layer on the CPU in float32, our dispatch paths against
+transformers' `DeepseekV3MoE` experts implementations, all with the same weights, in one process.
+Every repetition visits every implementation in turn (the order rotates), so a slower moment of the
+machine hits them all alike; we report medians after warm-up rounds.
 
 - forward: under `torch.no_grad()`, the inference forward.
 - forward+backward: the forward, then the backward of a fixed random projection of the output,
   (y * P).sum(), to the input and every parameter.
 - dense: a matmul [T, H] @ [H, N] with the layer's FLOPs, timed in the same rounds with both of
-  torch's CPU GEMMs (`torch.mm`, MKL here, and oneDNN via `moe_lib.kernels`); "% of dense" is the
-  layer's GFLOP/s over the faster dense GFLOP/s of the same mode: this machine's measured peak.
+  torch's CPU GEMMs (`torch.mm`, MKL here, and oneDNN); "% of dense" is the layer's GFLOP/s over
+  the faster dense GFLOP/s of the same mode: this machine's measured peak.
 - balancing: the loss-free update of one training step (load accumulation and
   `balance.update_bias`), as a share of our default path's forward+backward.
 FLOPs are `accounting.moe_flops_per_token` (2 per activated weight forward, 3x with backward).
+
+Instruction-set levels: each level runs in its own process, `native` as the machine is and `avx2`
+with oneDNN, MKL and ATen capped at AVX2 (`LEVELS`); each records what oneDNN, MKL and ATen report
+in that process, so one can check that the caps took effect. Shapes: the book's reference layer
+(`presets.BOOK`) on 4096 tokens, or `--tokens/--d-model/--d-expert`, or `--sweep` (`SWEEP`).
+Targets (issue 11): our default path >= 1.3x the best transformers implementation in both modes,
+and >= 75% of the faster dense matmul's GFLOP/s forward+backward.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,18 +50,46 @@ TRANSFORMERS = ("eager", "grouped_mm", "batched_mm")
 DEFAULT_PATH = "moe_lib:" + MoEConfig().dispatch
 MODES = ("forward", "forward_backward")
 TARGET_SPEEDUP = 1.3
+TARGET_PCT_OF_DENSE = 75.0  # forward+backward
 TARGET_BALANCE_PCT = 5.0
+LEVELS = {"native": {},
+          "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                   "ATEN_CPU_CAPABILITY": "avx2"}}
+SWEEP = ({"tokens": 4096}, {"tokens": 1024}, {"tokens": 16384},
+         {"tokens": 4096, "d_model": 512, "d_expert": 256})
+FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+         "avx512_bf16", "amx_tile")
+_PROBE = ("import torch; a = torch.randn(64, 64); "
+          "torch.ops.mkldnn._linear_pointwise(a, a, None, 'none', [], ''); a @ a")
 
 
 def machine() -> dict:
-    """CPU model, cores, torch and transformers versions, as recorded with every result."""
+    """CPU model and instruction-set flags, cores, torch and transformers versions."""
     import transformers
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 platform.processor())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    return {"cpu": model, "flags": {f: f in flags for f in FLAGS}, "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def isa_in_effect() -> dict:
+    """What this process runs: the capping variables, ATen's CPU capability, and oneDNN's ISA and
+    kernel and MKL's banner as their verbose modes print them for one small GEMM (a child process
+    with the same environment)."""
+    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True,
+                           env={**os.environ, "ONEDNN_VERBOSE": "1", "MKL_VERBOSE": "1"})
+    lines = probe.stdout.splitlines()
+    onednn_isa = next((ln.split("isa:", 1)[1] for ln in lines if ",isa:" in ln), None)
+    onednn_kernel = next((ln.split(",")[5] for ln in lines if ",primitive,exec," in ln), None)
+    mkl = next((ln.removeprefix("MKL_VERBOSE ") for ln in lines if ln.startswith("MKL_VERBOSE oneMKL")),
+               None)
+    return {"env": {name: os.environ.get(name) for name in LEVELS["avx2"]},
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_isa": onednn_isa, "onednn_kernel": onednn_kernel, "mkl": mkl}
 
 
 def build_layers(cfg: MoEConfig, tokens: int, seed: int) -> tuple[dict[str, torch.nn.Module], dict]:
@@ -164,7 +202,7 @@ def cpu_tasks(layers: dict[str, torch.nn.Module], x: torch.Tensor, proj: torch.T
     dense_w = dense_w.detach().clone().requires_grad_()
     dense_proj = torch.randn(x.shape[0], dense_w.shape[1])
     matmuls = {"dense:torch.mm": lambda t: t @ dense_w,
-               "dense:oneDNN": lambda t: kernels.linear(t, dense_w.t())}
+               "dense:oneDNN": lambda t: kernels.linear(t, dense_w.t(), backend="oneDNN")}
     if not kernels.ONEDNN:
         del matmuls["dense:oneDNN"]
     for name, matmul in matmuls.items():
@@ -223,14 +261,15 @@ def summarize(times: dict[str, list[float]], cfg: MoEConfig, tokens: int, n_dens
                 r[mode]["pct_of_dense"] = 100 * r[mode]["gflops"] / dense[peak[mode]]
                 r[mode]["speedup_vs_best_transformers"] = r[mode]["tokens_per_s"] / hf[best[mode]]
     balance_ms = results.pop("balancing")["update"]["median_ms"]
-    fb_ms = results[DEFAULT_PATH]["forward_backward"]["median_ms"]
+    ours = results[DEFAULT_PATH]
+    balance_pct = 100 * balance_ms / ours["forward_backward"]["median_ms"]
+    met = {mode: ours[mode]["speedup_vs_best_transformers"] >= TARGET_SPEEDUP for mode in MODES}
+    met["pct_of_dense_forward_backward"] = ours["forward_backward"]["pct_of_dense"] >= TARGET_PCT_OF_DENSE
     return {"flops": flops, "results": results, "best_transformers": best, "dense_peak": peak,
-            "balancing": {"median_ms": balance_ms, "pct_of_forward_backward": 100 * balance_ms / fb_ms,
-                          "target_pct": TARGET_BALANCE_PCT,
-                          "met": 100 * balance_ms / fb_ms < TARGET_BALANCE_PCT},
-            "target": {"speedup": TARGET_SPEEDUP, "path": DEFAULT_PATH,
-                       "met": {mode: results[DEFAULT_PATH][mode]["speedup_vs_best_transformers"]
-                               >= TARGET_SPEEDUP for mode in MODES}}}
+            "balancing": {"median_ms": balance_ms, "pct_of_forward_backward": balance_pct,
+                          "target_pct": TARGET_BALANCE_PCT, "met": balance_pct < TARGET_BALANCE_PCT},
+            "target": {"speedup": TARGET_SPEEDUP, "pct_of_dense_forward_backward": TARGET_PCT_OF_DENSE,
+                       "path": DEFAULT_PATH, "met": met}}
 
 
 def _iqr(ts: list[float]) -> float:
@@ -240,66 +279,134 @@ def _iqr(ts: list[float]) -> float:
     return q[2] - q[0]
 
 
-def format_table(report: dict) -> str:
-    m = report["machine"]
-    lines = [f"MoE layer, {report['tokens']} tokens, {report['dtype']}, config: d_model "
-             f"{report['config']['d_model']}, d_expert {report['config']['d_expert']}, "
-             f"{report['config']['n_routed']} routed + {report['config']['n_shared']} shared, "
-             f"top-{report['config']['top_k']}",
-             f"machine: {m['cpu']} ({m['cores']} cores), {m['threads']} threads, torch {m['torch']}, "
-             f"transformers {m['transformers']}; median of {report['reps']} interleaved reps"]
+def format_table(run: dict, level: str) -> str:
+    """One run (one level, one shape) as text."""
+    c = run["config"]
+    lines = [f"[{level}] MoE layer, {run['tokens']} tokens, {run['dtype']}, d_model {c['d_model']}, "
+             f"d_expert {c['d_expert']}, {c['n_routed']} routed + {c['n_shared']} shared, top-{c['top_k']}, "
+             f"{run['threads']} threads; median of {run['reps']} interleaved reps, load average "
+             f"{run['load_average_before_after'][0]:.2f} -> {run['load_average_before_after'][1]:.2f}"]
     for mode in MODES:
         lines += ["", f"{mode.replace('_', '+')}:",
                   f"{'implementation':26s} {'ms':>8s} {'tokens/s':>10s} {'GFLOP/s':>8s} "
                   f"{'% dense':>8s} {'vs best HF':>10s}"]
-        for name, r in report["results"].items():
+        for name, r in run["results"].items():
             e = r[mode]
             lines.append(f"{name:26s} {e['median_ms']:8.2f} {e['tokens_per_s']:10.0f} {e['gflops']:8.1f} "
                          f"{e['pct_of_dense']:7.1f}% {e['speedup_vs_best_transformers']:9.2f}x")
-    for name, reason in report["skipped"].items():
+    for name, reason in run["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
-    b, t = report["balancing"], report["target"]
-    lines += ["", f"best transformers: forward {report['best_transformers']['forward']}, "
-                  f"forward+backward {report['best_transformers']['forward_backward']}",
-              f"% dense is of the faster dense matmul: forward {report['dense_peak']['forward']}, "
-              f"forward+backward {report['dense_peak']['forward_backward']}",
-              f"target {t['speedup']}x for {t['path']}: "
-              + ", ".join(f"{mode} {'met' if ok else 'MISSED'}" for mode, ok in t["met"].items()),
+    b, t = run["balancing"], run["target"]
+    verdict = {key: "met" if ok else "MISSED" for key, ok in t["met"].items()}
+    lines += ["", f"best transformers: forward {run['best_transformers']['forward']}, "
+                  f"forward+backward {run['best_transformers']['forward_backward']}; % dense is of "
+                  f"{run['dense_peak']['forward']} (forward), {run['dense_peak']['forward_backward']} "
+                  f"(forward+backward)",
+              f"targets for {t['path']}: {t['speedup']}x forward {verdict['forward']}, forward+backward "
+              f"{verdict['forward_backward']}; {t['pct_of_dense_forward_backward']:.0f}% of dense "
+              f"forward+backward {verdict['pct_of_dense_forward_backward']}",
               f"loss-free balancing update: {b['median_ms']:.3f} ms = {b['pct_of_forward_backward']:.2f}% "
               f"of a {t['path']} forward+backward (target < {b['target_pct']:.0f}%)"]
     return "\n".join(lines)
 
 
-def run_cpu(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    cfg = BOOK
+def run_shape(cfg: MoEConfig, tokens: int, reps: int, warmup: int, seed: int) -> dict:
+    """Verify and time every implementation on one shape, in this process."""
     load_before = os.getloadavg()
-    layers, skipped = build_layers(cfg, args.tokens, args.seed)
-    x = torch.randn(args.tokens, cfg.d_model)
-    proj = torch.randn(args.tokens, cfg.d_model)
+    layers, skipped = build_layers(cfg, tokens, seed)
+    x = torch.randn(tokens, cfg.d_model)
+    proj = torch.randn(tokens, cfg.d_model)
     errors = verify(layers, x, proj)
     n_dense = dense_width(cfg)
     tasks = cpu_tasks(layers, x, proj, torch.randn(cfg.d_model, n_dense) / cfg.d_model**0.5)
-    times = time_rounds(tasks, args.reps, args.warmup)
-    report = {"benchmark": "cpu", "machine": machine(), "config": cfg.to_dict(), "tokens": args.tokens,
-              "dtype": "float32", "reps": args.reps, "warmup": args.warmup,
-              "dense_shape": [args.tokens, cfg.d_model, n_dense],
-              "max_rel_error_vs_loop": errors, "skipped": skipped,
-              **summarize(times, cfg, args.tokens, n_dense),
-              "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-              "command": f"python -m moe_lib.bench cpu --tokens {args.tokens} --reps {args.reps} "
-                         f"--threads {args.threads}"}
-    print(format_table(report))
+    times = time_rounds(tasks, reps, warmup)
+    return {"config": cfg.to_dict(), "tokens": tokens, "dtype": "float32", "threads": torch.get_num_threads(),
+            "reps": reps, "warmup": warmup, "dense_shape": [tokens, cfg.d_model, n_dense],
+            "max_rel_error_vs_loop": errors, "skipped": skipped, **summarize(times, cfg, tokens, n_dense),
+            "gemm_choices": kernels.gemm_choices(),
+            "load_average_before_after": [load_before[0], os.getloadavg()[0]]}
+
+
+def shapes(args: argparse.Namespace) -> list[dict]:
+    """The shapes to run: the sweep, or the one given (the reference by default)."""
+    if args.sweep:
+        return [dict(s) for s in SWEEP]
+    return [{"tokens": args.tokens, "d_model": args.d_model or BOOK.d_model,
+             "d_expert": args.d_expert or BOOK.d_expert}]
+
+
+def run_level(args: argparse.Namespace) -> dict:
+    """Every shape at this process's instruction-set level; reps scale down with a shape's work
+    (at least 5) so that large shapes take about as long as the reference."""
+    torch.set_num_threads(args.threads)
+    runs = []
+    for shape in shapes(args):
+        cfg = BOOK.replace(d_model=shape.get("d_model", BOOK.d_model),
+                           d_expert=shape.get("d_expert", BOOK.d_expert))
+        work = shape["tokens"] * cfg.d_model * cfg.d_expert / (4096 * BOOK.d_model * BOOK.d_expert)
+        reps = max(5, round(args.reps / max(1.0, work)))
+        runs.append(run_shape(cfg, shape["tokens"], reps, args.warmup, args.seed))
+        print(format_table(runs[-1], args.level), flush=True)
+    return {"isa": isa_in_effect(), "runs": runs}
+
+
+def run_cpu(args: argparse.Namespace) -> dict:
+    """Each level in a child process with its environment, then one JSON with all of them."""
+    if args.level:  # a child: one level, in this process
+        Path(args.out).write_text(json.dumps(run_level(args), indent=2) + "\n")
+        return {}
+    report = {"benchmark": "cpu", "machine": machine(), "command": " ".join(["python -m moe_lib.bench cpu",
+                                                                              *sys.argv[2:]]),
+              "levels": {}}
+    for level in args.levels:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "level.json"
+            child = [sys.executable, "-m", "moe_lib.bench", "cpu", "--level", level, "--out", str(out),
+                     "--tokens", str(args.tokens), "--reps", str(args.reps), "--warmup", str(args.warmup),
+                     "--threads", str(args.threads), "--seed", str(args.seed)]
+            child += ["--d-model", str(args.d_model)] if args.d_model else []
+            child += ["--d-expert", str(args.d_expert)] if args.d_expert else []
+            child += ["--sweep"] if args.sweep else []
+            subprocess.run(child, check=True, env={**os.environ, **LEVELS[level]})
+            report["levels"][level] = {"env": LEVELS[level], **json.loads(out.read_text())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
     print(f"wrote {args.out}")
     return report
+
+
+def markdown(report: dict) -> str:
+    """The README table: per shape, our default path and the best transformers implementation at
+    every level (tokens/s, speed-up, % of the faster dense matmul)."""
+    levels = list(report["levels"])
+    head = "| shape | mode | " + " | ".join(f"{lv}: ours (x best HF, % dense)" for lv in levels) + " |"
+    lines = [head, "|" + "---|" * (2 + len(levels))]
+    runs = zip(*(report["levels"][lv]["runs"] for lv in levels), strict=True)
+    for per_level in runs:
+        c = per_level[0]["config"]
+        shape = f"{per_level[0]['tokens']} tokens, H {c['d_model']}, I {c['d_expert']}"
+        for mode in MODES:
+            cells = []
+            for run in per_level:
+                e = run["results"][DEFAULT_PATH][mode]
+                cells.append(f"{e['tokens_per_s']:,.0f} ({e['speedup_vs_best_transformers']:.2f}x, "
+                             f"{e['pct_of_dense']:.0f}%)")
+            lines.append(f"| {shape} | {mode.replace('_', '+')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def add_parser(commands) -> None:
     """Register `python -m moe_lib.bench cpu`."""
     cpu = commands.add_parser("cpu", help="the MoE layer on CPU against transformers' DeepseekV3MoE")
     cpu.add_argument("--tokens", type=int, default=4096, help="tokens per forward (default 4096)")
+    cpu.add_argument("--d-model", type=int, help=f"hidden size H (default {BOOK.d_model})")
+    cpu.add_argument("--d-expert", type=int, help=f"expert width I (default {BOOK.d_expert})")
+    cpu.add_argument("--sweep", action="store_true",
+                     help="every shape of SWEEP: 4096, 1024 and 16384 tokens, and H 512 / I 256")
+    cpu.add_argument("--levels", nargs="+", choices=list(LEVELS), default=list(LEVELS),
+                     help="instruction-set levels, each in its own process (default: all)")
+    cpu.add_argument("--level", choices=list(LEVELS), help=argparse.SUPPRESS)  # a child's level
     cpu.add_argument("--reps", type=int, default=20, help="timed rounds (default 20)")
     cpu.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     cpu.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
