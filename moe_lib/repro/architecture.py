@@ -44,7 +44,7 @@ class Sizes:
     top_k: int
 
 
-FULL = Sizes(runner.Scale(d_model=64, n_layers=2, seq_len=128, batch_size=8, steps=160, eval_every=40,
+FULL = Sizes(runner.Scale(d_model=64, n_layers=2, seq_len=128, batch_size=8, steps=480, eval_every=40,
                           eval_windows=128), d_ff=128, n_experts=16, top_k=2)
 QUICK = Sizes(runner.Scale(d_model=16, n_layers=2, seq_len=16, batch_size=4, steps=6, eval_every=3,
                            eval_windows=8), d_ff=32, n_experts=8, top_k=2)

@@ -42,7 +42,7 @@ class Sizes:
     top_k: int
 
 
-FULL = Sizes(runner.Scale(d_model=64, n_layers=2, seq_len=128, batch_size=8, steps=160, eval_every=40,
+FULL = Sizes(runner.Scale(d_model=64, n_layers=2, seq_len=128, batch_size=8, steps=480, eval_every=40,
                           eval_windows=128), d_expert=32, n_routed=16, top_k=4)
 QUICK = Sizes(runner.Scale(d_model=16, n_layers=2, seq_len=16, batch_size=4, steps=6, eval_every=3,
                            eval_windows=8), d_expert=8, n_routed=8, top_k=2)
