@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
 _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
@@ -67,14 +68,29 @@ def _key(a_MK: torch.Tensor, b_KN: torch.Tensor) -> tuple:
             b_KN.stride(0) == 1, m, k, n)
 
 
-def _random_like_layout(rows: int, cols: int, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(cols, rows, dtype=dtype).t() if transposed else torch.randn(rows, cols, dtype=dtype)
+def _random_like_layout(rows: int, cols: int, transposed: bool, dtype: torch.dtype,
+                        generator: torch.Generator) -> torch.Tensor:
+    if transposed:
+        return torch.randn(cols, rows, dtype=dtype, generator=generator).t()
+    return torch.randn(rows, cols, dtype=dtype, generator=generator)
 
 
 def _measure(key: tuple, dtype: torch.dtype) -> str:
-    """The faster backend on random operands of this shape class: best of 4 interleaved rounds."""
+    """The faster backend on random operands of this shape class: best of 4 interleaved rounds.
+
+    Invisible to the caller: its operands come from a private generator (the global RNG, and so
+    seeded notebooks and training runs, are untouched) and it runs outside any active dispatch mode
+    (a FlopCounterMode around the first call counts the caller's GEMMs, not these timings).
+    """
+    with _disable_current_modes():
+        return _time_backends(key, dtype)
+
+
+def _time_backends(key: tuple, dtype: torch.dtype) -> str:
     _, _, a_t, b_t, rows, k, n = key
-    a_MK, b_KN = _random_like_layout(rows, k, a_t, dtype), _random_like_layout(k, n, b_t, dtype)
+    generator = torch.Generator().manual_seed(0)
+    a_MK = _random_like_layout(rows, k, a_t, dtype, generator)
+    b_KN = _random_like_layout(k, n, b_t, dtype, generator)
     calls = max(1, min(20, int(5e7 // (2 * rows * k * n))))  # about a millisecond per timing
     best = dict.fromkeys(BACKENDS, math.inf)
     for _ in range(4):

@@ -253,3 +253,17 @@ def test_expert_swiglu_zero_rows():
     assert y.shape == (0, 8)
     y.sum().backward()
     assert gate_up.grad.abs().sum() == 0 and down.grad.abs().sum() == 0
+
+
+def test_first_use_measurement_leaves_the_global_rng_and_flop_counting_alone():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kernels._CHOICES.clear()
+    a, b = torch.randn(40, 24), torch.randn(24, 16)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with FlopCounterMode(display=False) as counter:
+        kernels.matmul(a, b)  # the first product of this shape class measures both backends
+    assert counter.get_total_flops() == 2 * 40 * 24 * 16
+    assert torch.equal(torch.rand(3), expected)
