@@ -1,7 +1,19 @@
-"""Training presets: `tiny` (the shipped checkpoint: a few minutes on 2 CPU cores) and `test` (seconds).
+"""Training presets: `tiny` (the shipped checkpoint: minutes on one CPU core) and `test` (seconds).
 
 Both use DeepSeek-V3's MoE recipe at small scale: sigmoid gating with the loss-free bias updated once
-per optimizer step (bias_update="step"), group-limited routing, one shared expert, route scale 2.5.
+per optimizer step (bias_update="step"), group-limited routing, one shared expert, route scale 2.5,
+and MTP modules.
+
+`tiny` was chosen by measurement on the stdlib corpus (1 thread; validation CE in nats per byte):
+- at equal tokens and cost, 32 experts of width 32 (top-4) reached 2.29 after 410k tokens where 16
+  of width 64 reached 2.37, and 6 layers 2.31 at 20% more time;
+- lr 3e-3 beat 6e-3 and 1e-2 (2.42, 2.65 after 100 steps);
+- smaller batches learned more per token: 1.2M tokens gave 1.53 with 4 windows per step and 1.59
+  with 8;
+- bias speed 1e-2 kept MaxVio_global near 1.0 where 1e-3 left 4 to 6.5 after 100 steps, at equal
+  loss: a run of ~1000 steps needs the larger speed (V3's 1e-3 served ~10^5 steps);
+- the MTP blocks use a dense FFN (`mtp_moe=False`): 2.2M parameters in all (8.9 MB in float32,
+  under the 10 MB budget) and a cheaper draft for speculative decoding.
 """
 
 from __future__ import annotations
@@ -13,10 +25,10 @@ from .loop import TrainConfig
 TINY_MODEL = ModelConfig(
     vocab_size=256, d_model=128, n_layers=4, n_dense_layers=1, d_dense=384, n_heads=4, q_lora_rank=0,
     kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_seq_len=256,
-    moe=MoEConfig(d_model=128, d_expert=64, n_routed=16, n_shared=1, top_k=4, n_groups=4, topk_groups=2,
-                  score_func="sigmoid", route_scale=2.5, bias_update="step", bias_update_speed=1e-3,
+    moe=MoEConfig(d_model=128, d_expert=32, n_routed=32, n_shared=1, top_k=4, n_groups=4, topk_groups=2,
+                  score_func="sigmoid", route_scale=2.5, bias_update="step", bias_update_speed=1e-2,
                   aux_loss_inject=False),
-    mtp_depth=2, mtp_moe=True)
+    mtp_depth=2, mtp_moe=False)
 
 TEST_MODEL = ModelConfig(
     vocab_size=256, d_model=32, n_layers=2, n_dense_layers=1, d_dense=64, n_heads=2, kv_lora_rank=16,
@@ -27,9 +39,12 @@ TEST_MODEL = ModelConfig(
     mtp_depth=1)
 
 PRESETS = {
-    "tiny": TrainConfig(model=TINY_MODEL, steps=1000, batch_size=16, grad_accum=1, lr=3e-3,
-                        warmup_steps=50, eval_every=100, eval_windows=128, log_every=10,
-                        checkpoint_every=200),
+    "tiny": TrainConfig(model=TINY_MODEL, steps=1100, batch_size=4, grad_accum=1, lr=3e-3,
+                        warmup_steps=50, eval_every=100, eval_windows=64, log_every=10,
+                        checkpoint_every=100,
+                        sample_prompts=("import os\nimport ", "class Reader:\n    def __init__(self, ",
+                                        "        if ", "    def "),
+                        sample_tokens=120),
     "test": TrainConfig(model=TEST_MODEL, steps=6, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2,
                         eval_every=3, eval_windows=8, log_every=1, sample_prompts=("def ",),
                         sample_tokens=8),
