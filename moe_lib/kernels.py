@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes, is_in_torch_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
@@ -186,12 +186,12 @@ def run_tasks(task: Callable, items: Sequence, inline: bool = False) -> None:
     """task(item) for every item, on torch.get_num_threads() worker threads with one intra-op
     thread each; a free worker takes the next item (so give the largest first).
 
-    Runs in the calling thread, with its threads, when `inline`, with one thread or one item, or
-    when called from a worker. Tasks run in the caller's grad and inference modes; exceptions
-    propagate.
+    Runs in the calling thread, with its threads, when `inline`, with one thread or one item, when
+    called from a worker, or under a dispatch mode (FlopCounterMode, fake tensors: modes are
+    per thread). Tasks run in the caller's grad and inference modes; exceptions propagate.
     """
     n = min(torch.get_num_threads(), len(items))
-    if inline or n <= 1 or getattr(_LOCAL, "worker", False):
+    if inline or n <= 1 or getattr(_LOCAL, "worker", False) or is_in_torch_dispatch_mode():
         for item in items:
             task(item)
         return

@@ -267,3 +267,16 @@ def test_first_use_measurement_leaves_the_global_rng_and_flop_counting_alone():
         kernels.matmul(a, b)  # the first product of this shape class measures both backends
     assert counter.get_total_flops() == 2 * 40 * 24 * 16
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_dispatch_modes_see_every_product(two_threads):
+    """A FlopCounterMode (per thread, like every dispatch mode) counts the experts' GEMMs: the
+    tasks run in the caller's thread while a mode is active."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, gate_up, down, pairs = routed_inputs(200, 6, 2, 64, 48, 0, torch.float32)
+    counts = pairs.counts_E.tolist()
+    assert not plan_rows(counts, pairs.token_N, pairs.position_TK, x, 48).inline
+    with FlopCounterMode(display=False) as counter:
+        expert_swiglu(x, gate_up, down, counts, pairs.weight_N, pairs.token_N, pairs.position_TK)
+    assert counter.get_total_flops() == 2 * sum(counts) * 64 * 48 * 3
