@@ -377,22 +377,32 @@ def run_cpu(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    """The README table: per shape, our default path and the best transformers implementation at
-    every level (tokens/s, speed-up, % of the faster dense matmul)."""
+    """The README's tables: every implementation at the first shape, then our default path against
+    the best transformers implementation at every shape, each level side by side."""
     levels = list(report["levels"])
-    head = "| shape | mode | " + " | ".join(f"{lv}: ours (x best HF, % dense)" for lv in levels) + " |"
-    lines = [head, "|" + "---|" * (2 + len(levels))]
-    runs = zip(*(report["levels"][lv]["runs"] for lv in levels), strict=True)
+    runs = list(zip(*(report["levels"][lv]["runs"] for lv in levels), strict=True))
+    cols = [f"{lv} {mode.replace('_', '+')}" for lv in levels for mode in MODES]
+    lines = ["| implementation | " + " | ".join(f"{c} tokens/s" for c in cols) + " |",
+             "|" + "---|" * (1 + len(cols))]
+    for name in runs[0][0]["results"]:
+        cells = []
+        for run in runs[0]:
+            for mode in MODES:
+                e = run["results"][name][mode]
+                extra = (f" ({e['speedup_vs_best_transformers']:.2f}x, {e['pct_of_dense']:.0f}% dense)"
+                         if name == DEFAULT_PATH else "")
+                cells.append(f"{e['tokens_per_s']:,.0f}{extra}")
+        label = f"{name} (default)" if name == DEFAULT_PATH else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| shape | " + " | ".join(f"{c}: ours (x best HF, % dense)" for c in cols) + " |",
+              "|" + "---|" * (1 + len(cols))]
     for per_level in runs:
         c = per_level[0]["config"]
-        shape = f"{per_level[0]['tokens']} tokens, H {c['d_model']}, I {c['d_expert']}"
-        for mode in MODES:
-            cells = []
-            for run in per_level:
-                e = run["results"][DEFAULT_PATH][mode]
-                cells.append(f"{e['tokens_per_s']:,.0f} ({e['speedup_vs_best_transformers']:.2f}x, "
-                             f"{e['pct_of_dense']:.0f}%)")
-            lines.append(f"| {shape} | {mode.replace('_', '+')} | " + " | ".join(cells) + " |")
+        ours = [run["results"][DEFAULT_PATH][mode] for run in per_level for mode in MODES]
+        cells = [f"{e['tokens_per_s']:,.0f} ({e['speedup_vs_best_transformers']:.2f}x, "
+                 f"{e['pct_of_dense']:.0f}%)" for e in ours]
+        lines.append(f"| {per_level[0]['tokens']} tokens, H {c['d_model']}, I {c['d_expert']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
