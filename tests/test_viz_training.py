@@ -45,7 +45,8 @@ def test_columns(records):
 def test_figures(records):
     fig = vt.loss_figure(records, bigram=2.5)
     assert [len(t.x) for t in fig.data] == [4, 2]
-    assert len(vt.balance_figure(records).data) == 3
+    assert len(vt.balance_figure(records).data) == 4
+    assert vt.centred_norms([[1.0, 1.0], [2.0, 0.0]]) == [0.0, 2**0.5]
     bias = vt.make_bias_figure("layers.1.mlp", records)
     assert len(bias.data[0].z) == 8 and len(bias.data[0].z[0]) == 4
     assert bias.data[0].zmin == -bias.data[0].zmax

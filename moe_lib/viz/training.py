@@ -11,6 +11,7 @@ takes the layer as its first argument so it serves `live` and `static_slider` al
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,13 +75,20 @@ def loss_figure(records: Sequence[dict], bigram: float | None = None,
     return fig
 
 
+def centred_norms(biases: Sequence[Sequence[float]]) -> list[float]:
+    """||b - mean(b)|| of each bias vector: the part of the bias that changes which experts are chosen
+    (adding the same constant to every expert's bias changes no top-k)."""
+    return [math.sqrt(sum((v - sum(b) / len(b)) ** 2 for v in b)) for b in biases]
+
+
 def balance_figure(records: Sequence[dict], layers: Sequence[str] | None = None) -> go.Figure:
-    """Per MoE layer: MaxVio of each training batch (left; validation MaxVio_global as markers) and the
-    norm of the correction bias (right)."""
+    """Per MoE layer: MaxVio of each training batch (left; validation MaxVio_global as markers), and
+    the norm of the correction bias with (solid) and without (dotted) its mean over the experts (right)."""
     layers = main_layers(records) if layers is None else list(layers)
     fig = make_subplots(rows=1, cols=2, subplot_titles=["MaxVio per batch (lines), validation global (dots)",
-                                                        "correction bias norm ||b||"])
-    vio, val, norm = (layer_columns(records, k) for k in ("max_vio_batch", "val_max_vio_global", "bias_norm"))
+                                                        "bias norm ||b|| (solid), ||b - mean b|| (dotted)"])
+    vio, val, norm, bias = (layer_columns(records, k)
+                            for k in ("max_vio_batch", "val_max_vio_global", "bias_norm", "bias"))
     for i, name in enumerate(layers):
         color = f"hsl({int(360 * i / max(len(layers), 1))}, 60%, 45%)"
         fig.add_trace(go.Scatter(x=vio[name][0], y=_r(vio[name][1]), mode="lines", name=name,
@@ -90,6 +98,9 @@ def balance_figure(records: Sequence[dict], layers: Sequence[str] | None = None)
                                      marker={"color": color, "size": 8}, legendgroup=name), row=1, col=1)
         fig.add_trace(go.Scatter(x=norm[name][0], y=_r(norm[name][1]), mode="lines", showlegend=False,
                                  line={"color": color}, legendgroup=name), row=1, col=2)
+        fig.add_trace(go.Scatter(x=bias[name][0], y=_r(centred_norms(bias[name][1])), mode="lines",
+                                 showlegend=False, line={"color": color, "dash": "dot"}, legendgroup=name),
+                      row=1, col=2)
     fig.update_xaxes(title_text="optimizer step")
     fig.update_yaxes(title_text="MaxVio", row=1, col=1)
     fig.update_layout(height=380, margin={"t": 50, "b": 40})
