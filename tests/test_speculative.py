@@ -11,7 +11,7 @@ from model_utils import make_model, tiny_model_cfg
 from scipy.stats import chi2
 
 import moe_lib.model.speculative as spec
-from moe_lib import generate
+from moe_lib import generate, load_checkpoint
 from moe_lib.model.generate import next_token_probs
 from moe_lib.model.speculative import (
     greedy_verify,
@@ -19,6 +19,8 @@ from moe_lib.model.speculative import (
     residual_probs,
     speculative_generate,
 )
+from moe_lib.train.data import decode, encode
+from moe_lib.viz.training import shipped_checkpoint
 
 
 def agreeing_model(mtp_depth: int, seed: int = 0, noise: float = 0.05):
@@ -66,6 +68,22 @@ def test_greedy_equals_plain_greedy(mtp_depth, depth, n_prompts):
     assert 1.2 < total.tokens_per_step < depth + 1
     assert total.tokens_per_step == pytest.approx((total.new_tokens - n_prompts) / total.steps)
     assert all(r <= a for r, a in zip(total.reached[1:], total.accepted, strict=False))
+
+
+def test_greedy_on_the_shipped_checkpoint():
+    """The trained model (MTP depth 2): identical outputs, and drafts that are mostly accepted."""
+    model = load_checkpoint(shipped_checkpoint("tiny"))
+    code = "    def __init__(self, name, value=None):\n        self.name = name\n"
+    prompts = [encode(t) for t in ("d", "import os\n", "class Parser:\n", code)]
+    prompts.append(encode(code * 8)[:model.cfg.max_seq_len - 5])  # stops at max_seq_len
+    for depth in (1, 2):
+        total = None
+        for prompt in prompts:
+            n_new = min(32, model.cfg.max_seq_len - len(prompt))
+            out, stats = speculative_generate(model, prompt, n_new, depth=depth)
+            assert torch.equal(out, generate(model, prompt, n_new)), (depth, decode(prompt))
+            total = stats if total is None else total + stats
+        assert total.acceptance[0] > 0.5, total
 
 
 def uncached_reference(model, prompt: torch.Tensor, n_new: int, depth: int) -> tuple[list, list, int]:

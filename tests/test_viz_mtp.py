@@ -46,5 +46,7 @@ def test_measured_figure_shows_every_depth():
                   "2": {"acceptance": [0.7, 0.55], "tokens_per_s": 52.0, "speedup": 1.3}}}}
     fig = measured_figure(report)
     assert [t.name for t in fig.data[:3]] == ["generation, D = 1", "generation, D = 2",
-                                              "teacher-forced: draft = main argmax"]
-    assert list(fig.data[3].text) == ["1.00x", "1.25x", "1.30x"]
+                                              "teacher-forced: depth k's argmax = main model's"]
+    assert list(fig.data[3].text) == ["1.00x", "1.25x", "1.30x"] and len(fig.data) == 4
+    report["prediction"] = {"1": {"speedup_predicted": 1.2}, "2": {"speedup_predicted": 1.5}}
+    assert list(measured_figure(report).data[4].y) == [48.0, 60.0]

@@ -10,10 +10,12 @@ trained with MTP (default: the shipped `checkpoints/tiny`), batch size 1, greedy
   plain one. Acceptance per draft position; tokens/s. An untimed round first, then timed rounds in
   which every method runs on every prompt, in an order that rotates; speedup = median over rounds
   of the per-round ratio, so a slower moment of the shared machine hits all methods alike.
-- costs, medians of interleaved repetitions after `--context` cached tokens: one main-model step
+- costs, at the start of every timed round (so that they see the machine the generation sees),
+  medians of interleaved repetitions after the first prompt's tokens are cached: one main-model step
   (1 token and its logits), one verification forward of D+1 tokens, one MTP module step (1 token
-  and its logits). Draft cost c = t_mtp / t_main, verification cost v_D = t_verify(D+1) / t_main;
-  predicted speedup E / (v_D + D c) from the measured acceptance (`speculative.predicted_speedup`).
+  and its logits). Draft cost c = t_mtp / t_main, verification cost v_D = t_verify(D+1) / t_main,
+  each the median over rounds of the round's ratio; predicted speedup E / (v_D + D c) from the
+  measured acceptance (`speculative.predicted_speedup`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..train.checkpoint import load_checkpoint
 from ..train.data import eval_windows, stdlib_corpus
 from .cpu import machine
 
-FULL = {"prompts": 8, "prompt_len": 32, "new_tokens": 160, "rounds": 3, "windows": 64, "cost_reps": 30}
+FULL = {"prompts": 8, "prompt_len": 32, "new_tokens": 160, "rounds": 5, "windows": 64, "cost_reps": 30}
 QUICK = {"prompts": 2, "prompt_len": 16, "new_tokens": 24, "rounds": 1, "windows": 4, "cost_reps": 5}
 TARGET_ACCEPTANCE = 0.85
 TARGET_SPEEDUP = 1.8
@@ -101,8 +103,10 @@ def step_costs(model: Transformer, prompt_1S: torch.Tensor, depths: list[int], r
 
 
 def generation(model: Transformer, prompts_NS: torch.Tensor, new_tokens: int, depths: list[int],
-               rounds: int) -> dict:
-    """Plain and speculative greedy generation of every prompt: statistics, equality, tokens/s."""
+               rounds: int, cost_reps: int) -> tuple[dict, dict]:
+    """Plain and speculative greedy generation of every prompt: statistics, equality, tokens/s; and
+    the step costs (`step_costs`), measured at the start of every timed round so that they see the
+    same machine as the generation. Returns (generation, costs)."""
     methods = [0, *depths]  # 0: plain
     stats, mismatches = {}, {d: 0 for d in depths}
     for d in depths:  # untimed round: outputs, acceptance statistics (deterministic in greedy mode)
@@ -113,7 +117,9 @@ def generation(model: Transformer, prompts_NS: torch.Tensor, new_tokens: int, de
             total = s if total is None else total + s
         stats[d] = total
     seconds = {m: [0.0] * rounds for m in methods}
+    cost_rounds = []
     for r in range(rounds):
+        cost_rounds.append(step_costs(model, prompts_NS[:1], depths, cost_reps))
         for i, prompt in enumerate(prompts_NS):
             shift = (r + i) % len(methods)
             for m in methods[shift:] + methods[:shift]:
@@ -133,16 +139,23 @@ def generation(model: Transformer, prompts_NS: torch.Tensor, new_tokens: int, de
             **stats[d].to_dict(), "outputs_differing_from_plain": mismatches[d],
             "tokens_per_s": statistics.median(tps), "tokens_per_s_rounds": tps,
             "speedup": statistics.median(a / b for a, b in zip(seconds[0], seconds[d], strict=True))}
-    return result
+    names = list(cost_rounds[0]["ms"])
+    costs = {"context": cost_rounds[0]["context"], "reps_per_round": cost_reps,
+             "ms": {name: statistics.median(c["ms"][name] for c in cost_rounds) for name in names},
+             "ms_rounds": [c["ms"] for c in cost_rounds]}
+    return result, costs
 
 
 def predictions(gen: dict, costs: dict) -> dict:
-    """Speedup predicted from the measured acceptance and costs, per depth."""
-    ms = costs["ms"]
-    c = ms["mtp_step"] / ms["main_step"]
+    """Speedup predicted from the measured acceptance and costs, per depth; the cost ratios c and v
+    are medians over the rounds of each round's ratio."""
+    def ratio(name: str) -> float:
+        return statistics.median(ms[name] / ms["main_step"] for ms in costs["ms_rounds"])
+
+    c = ratio("mtp_step")
     out = {"draft_cost_c": c}
     for d, g in gen["speculative"].items():
-        v = ms[f"verify_{int(d) + 1}"] / ms["main_step"]
+        v = ratio(f"verify_{int(d) + 1}")
         rates = g["conditional_acceptance"]
         out[d] = {"verify_cost_v": v, "expected_tokens_per_step": expected_tokens(rates),
                   "expected_tokens_iid": expected_tokens(rates[0], int(d)),
@@ -167,8 +180,7 @@ def run_mtp_bench(args: argparse.Namespace) -> dict:
     windows = eval_windows(val, min(cfg.max_seq_len, 256) - 1, size["windows"])
     prompts = eval_windows(val, prompt_len - 1, size["prompts"] + 2)[1:-1]  # not the very first bytes
     tf = teacher_forced(model, windows)
-    costs = step_costs(model, prompts[:1], depths, size["cost_reps"])
-    gen = generation(model, prompts, new_tokens, depths, size["rounds"])
+    gen, costs = generation(model, prompts, new_tokens, depths, size["rounds"], size["cost_reps"])
     out = args.out or (None if args.quick else "benchmarks/mtp.json")
     report = {"benchmark": "mtp", "quick": args.quick, "checkpoint": str(args.checkpoint),
               "config": cfg.to_dict(), "machine": {**machine(), "date": datetime.date.today().isoformat()},

@@ -82,7 +82,8 @@ def token_sources(tokens: list[str], sources: list[int], per_row: int = 48,
 
 def measured_figure(report: dict) -> go.Figure:
     """Benchmark (`python -m moe_lib.bench mtp` JSON): acceptance per draft position in generation
-    next to the teacher-forced agreement of each depth; tokens/s plain vs speculative."""
+    next to the teacher-forced agreement of each depth; tokens/s plain vs speculative, with the
+    speed-up the algebra predicts from the measured acceptance and costs (when the report has it)."""
     gen, tf = report["generation"], report["teacher_forced"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=["acceptance per draft position",
                                                         "greedy decoding, batch 1"])
@@ -92,13 +93,19 @@ def measured_figure(report: dict) -> go.Figure:
                       row=1, col=1)
     fig.add_trace(go.Bar(x=[f"position {t['depth']}" for t in tf["depths"]],
                          y=[round(t["agrees_with_main"], DIGITS) for t in tf["depths"]],
-                         name="teacher-forced: draft = main argmax"), row=1, col=1)
+                         name="teacher-forced: depth k's argmax = main model's"), row=1, col=1)
     names = ["plain"] + [f"MTP D = {d}" for d in gen["speculative"]]
     tps = [gen["plain_tokens_per_s"]] + [g["tokens_per_s"] for g in gen["speculative"].values()]
     fig.add_trace(go.Bar(x=names, y=np.round(tps, 1).tolist(), showlegend=False,
                          marker_color=["#9aa5b1"] + ["#2a9d8f"] * len(gen["speculative"]),
                          text=["1.00x"] + [f"{g['speedup']:.2f}x" for g in gen["speculative"].values()],
                          textposition="outside"), row=1, col=2)
+    if "prediction" in report:  # the algebra E / (v + D c) with the measured acceptance and costs
+        predicted = [gen["plain_tokens_per_s"] * report["prediction"][d]["speedup_predicted"]
+                     for d in gen["speculative"]]
+        fig.add_trace(go.Scatter(x=names[1:], y=np.round(predicted, 1).tolist(), mode="markers",
+                                 marker={"symbol": "diamond", "size": 12, "color": "black"},
+                                 name="predicted E / (v + D c)"), row=1, col=2)
     fig.update_yaxes(title_text="fraction accepted", range=[0, 1], row=1, col=1)
     fig.update_yaxes(title_text="tokens/s", row=1, col=2)
     fig.update_layout(barmode="group", height=400, margin={"t": 60, "b": 40},
