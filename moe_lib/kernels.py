@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes, is_in_torch_dispatch_mode
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 ONEDNN = _LINEAR is not None and torch.backends.mkldnn.is_available()
@@ -42,6 +42,17 @@ if ONEDNN:
     def _linear_flops(x_shape, w_shape, *_args, **_kwargs) -> int:
         """2 M K N, so that torch's FlopCounterMode counts oneDNN's linear like aten.mm."""
         return 2 * math.prod(x_shape) * w_shape[0]
+
+
+_GROUPED_OP = getattr(torch.ops.aten, "_grouped_mm", None)
+if _GROUPED_OP is not None and _GROUPED_OP not in flop_registry:
+    @register_flop_formula(_GROUPED_OP)
+    def _grouped_mm_flops(a_shape, b_shape, *_args, **_kwargs) -> int:
+        """2 x the multiply-adds: [N, K] x [E, K, O] is 2 N K O; [K, N] x [N, O] (per-group
+        a_e^T b_e) is 2 K N O; 3-D x 3-D (batched) is 2 E M K O."""
+        if len(a_shape) == 3:
+            return 2 * math.prod(a_shape) * b_shape[-1]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
 def _torch_mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,13 +276,28 @@ class RowPlan(NamedTuple):
 
 def plan_rows(counts_E: list[int], token_N: torch.Tensor | None, position_TK: torch.Tensor | None,
               x_TH: torch.Tensor, d_expert: int) -> RowPlan:
-    """Blocks for this device: on the CPU, whole experts as tasks, those larger than a quarter of
-    one worker's share split so that the workers finish together; elsewhere one grouped block."""
-    n_rows, n_experts = sum(counts_E), len(counts_E)
+    """How to run the experts: one grouped block (torch's grouped GEMM, split over the intra-op
+    threads) on other devices, and on the CPU where `strategy` measured it faster; otherwise
+    whole experts as tasks on the workers, those larger than a quarter of one worker's share
+    split so that the workers finish together."""
+    n_rows = sum(counts_E)
     inline = 6 * n_rows * x_TH.shape[1] * d_expert < 1 << 22  # under ~4 MFLOP: not worth the hand-off
-    if x_TH.device.type != "cpu" and use_grouped_mm(x_TH, x_TH.shape[1], d_expert):
-        return RowPlan(counts_E, token_N, position_TK, [Block(None, 0, n_rows, None)], [], True)
-    threads = 1 if inline or x_TH.device.type != "cpu" else torch.get_num_threads()
+    if use_grouped_mm(x_TH, x_TH.shape[1], d_expert) and (
+            x_TH.device.type != "cpu" or (not inline and strategy(counts_E, x_TH, d_expert) == "grouped")):
+        return grouped_plan(counts_E, token_N, position_TK)
+    return task_plan(counts_E, token_N, position_TK, 1 if inline else torch.get_num_threads(), inline)
+
+
+def grouped_plan(counts_E: list[int], token_N: torch.Tensor | None,
+                 position_TK: torch.Tensor | None) -> RowPlan:
+    """One block over every row: one grouped GEMM per product, in the calling thread."""
+    return RowPlan(counts_E, token_N, position_TK, [Block(None, 0, sum(counts_E), None)], [], True)
+
+
+def task_plan(counts_E: list[int], token_N: torch.Tensor | None, position_TK: torch.Tensor | None,
+              threads: int, inline: bool = False) -> RowPlan:
+    """Whole experts as tasks for `threads` workers, the large ones split (see `plan_rows`)."""
+    n_rows, n_experts = sum(counts_E), len(counts_E)
     most = max(1, n_rows) if threads == 1 else max(64, math.ceil(n_rows / (4 * threads)))
     blocks, partials, start, extra = [], [], 0, n_experts
     for e, count in enumerate(counts_E):
@@ -285,6 +311,83 @@ def plan_rows(counts_E: list[int], token_N: torch.Tensor | None, position_TK: to
         start += count
     blocks.sort(key=lambda b: b.start - b.stop)
     return RowPlan(counts_E, token_N, position_TK, blocks, partials, inline)
+
+
+_STRATEGIES: dict[tuple, str] = {}
+_STRATEGIES_LOCK = threading.Lock()
+# 'tasks' or 'grouped' for every CPU call instead of measuring (e.g. for identical gradients on
+# every machine); read at import from MOE_LIB_EXPERTS, or set here
+FORCE_STRATEGY: str | None = os.environ.get("MOE_LIB_EXPERTS") or None
+STRATEGY_MARGIN = 1.05  # grouped must beat the tasks by 5% to be chosen
+MEASURE_MAX_MACS = 1 << 31  # larger shape classes are not timed: the tasks win there (bench cpu)
+
+
+def _strategy_key(counts_E: list[int], x_TH: torch.Tensor, d_expert: int) -> tuple:
+    """Shape class of an experts call: dtype, threads, experts and rows per expert (each rounded up
+    to a power of two), H and I."""
+    groups = max(1, len(counts_E))
+    rows = max(1, math.ceil(sum(counts_E) / groups))
+    return (str(x_TH.dtype).removeprefix("torch."), torch.get_num_threads(), 1 << (groups - 1).bit_length(),
+            1 << (rows - 1).bit_length(), x_TH.shape[1], d_expert)
+
+
+def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int) -> str:
+    """'tasks' or 'grouped' for a CPU experts call, measured once per shape class (`strategies()`).
+
+    Which is faster depends on the machine and on the work per expert, as for the GEMM backends:
+    tasks (one expert per core) win on large experts; torch's grouped GEMM, split over the intra-op
+    threads, wins on small ones, where a task's fixed cost (a dozen small ops in Python) dominates.
+    The forward outputs of both are bitwise equal (the same GEMMs); weight gradients may differ in
+    rounding (split experts' partial sums, and how the intra-op threads split the row reduction).
+    """
+    if FORCE_STRATEGY is not None:
+        if FORCE_STRATEGY not in ("tasks", "grouped"):
+            raise ValueError(f"MOE_LIB_EXPERTS / kernels.FORCE_STRATEGY={FORCE_STRATEGY!r} is invalid: "
+                             "expected 'tasks' or 'grouped'")
+        return FORCE_STRATEGY
+    key = _strategy_key(counts_E, x_TH, d_expert)
+    if key not in _STRATEGIES:
+        with _STRATEGIES_LOCK:
+            if key not in _STRATEGIES:
+                with _disable_current_modes():
+                    _STRATEGIES[key] = _time_strategies(key, x_TH.dtype)
+    return _STRATEGIES[key]
+
+
+def strategies() -> dict[str, str]:
+    """The measured strategies so far, as 'dtype threads=T E experts x R rows, H x I' -> strategy."""
+    return {f"{dtype} threads={threads} {groups} experts x {rows} rows, {h} x {i}": name
+            for (dtype, threads, groups, rows, h, i), name in sorted(_STRATEGIES.items())}
+
+
+def _time_strategies(key: tuple, dtype: torch.dtype) -> str:
+    """Forward + backward of both plans on random operands of the shape class (a private generator:
+    the global RNG is untouched): best of 3 interleaved rounds after one untimed round each."""
+    _, threads, groups, rows, d_model, d_expert = key
+    if groups * rows * d_model * d_expert * 3 > MEASURE_MAX_MACS:
+        return "tasks"
+    generator = torch.Generator().manual_seed(0)
+    counts = [rows] * groups
+    plans = {"tasks": task_plan(counts, None, None, threads),
+             "grouped": grouped_plan(counts, None, None)}
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.randn(groups * rows, d_model, dtype=dtype, generator=generator).requires_grad_()
+        gate_up = torch.randn(groups, 2 * d_expert, d_model, dtype=dtype, generator=generator)
+        down = torch.randn(groups, d_model, d_expert, dtype=dtype, generator=generator)
+        leaves = [x, gate_up.div_(d_model**0.5).requires_grad_(), down.div_(d_expert**0.5).requires_grad_()]
+
+        def run(plan: RowPlan) -> float:
+            start = time.perf_counter()
+            y = ExpertSwiGLU.apply(leaves[0], None, leaves[1], leaves[2], plan)
+            torch.autograd.grad(y.sum(), leaves)
+            return time.perf_counter() - start
+
+        best = {name: math.inf for name in plans}
+        for round_ in range(4):
+            for name, plan in plans.items():
+                seconds = run(plan)
+                best[name] = min(best[name], seconds) if round_ else best[name]
+    return "grouped" if best["grouped"] * STRATEGY_MARGIN < best["tasks"] else "tasks"
 
 
 def _rows(x_TH: torch.Tensor, token_N: torch.Tensor | None, rows: slice) -> torch.Tensor:
@@ -351,6 +454,7 @@ class ExpertSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_TH):
         x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF = ctx.saved_tensors
         plan: RowPlan = ctx.plan
+        grad_TH = grad_TH.contiguous()  # the gradient of a sum arrives expanded; grouped_mm needs strides
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
         d_expert = down_EHI.shape[-1]
         grad_x_NH = _row_buffer(x_TH, plan) if need_x else None

@@ -134,7 +134,8 @@ def test_run_tasks_inline_nested_and_errors(two_threads):
         kernels.run_tasks(fail, range(3))
 
 
-def test_plan_rows_covers_every_row_once_and_splits_large_experts(two_threads):
+def test_plan_rows_covers_every_row_once_and_splits_large_experts(two_threads, monkeypatch):
+    monkeypatch.setattr(kernels, "FORCE_STRATEGY", "tasks")
     counts = [700, 0, 30, 100, 1]
     plan = plan_rows(counts, None, None, torch.randn(1, 64), 64)
     assert not plan.inline
@@ -269,14 +270,66 @@ def test_first_use_measurement_leaves_the_global_rng_and_flop_counting_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_dispatch_modes_see_every_product(two_threads):
+def test_dispatch_modes_see_every_product(two_threads, monkeypatch):
     """A FlopCounterMode (per thread, like every dispatch mode) counts the experts' GEMMs: the
     tasks run in the caller's thread while a mode is active."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    monkeypatch.setattr(kernels, "FORCE_STRATEGY", "tasks")
     x, gate_up, down, pairs = routed_inputs(200, 6, 2, 64, 48, 0, torch.float32)
     counts = pairs.counts_E.tolist()
     assert not plan_rows(counts, pairs.token_N, pairs.position_TK, x, 48).inline
     with FlopCounterMode(display=False) as counter:
         expert_swiglu(x, gate_up, down, counts, pairs.weight_N, pairs.token_N, pairs.position_TK)
     assert counter.get_total_flops() == 2 * sum(counts) * 64 * 48 * 3
+
+
+def test_strategy_is_measured_once_per_shape_class_invisibly(two_threads, monkeypatch):
+    """The first CPU call of a shape class times both plans: no global RNG draw, no FLOPs counted;
+    later calls of the class reuse the choice; the choice can be forced."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(kernels, "_STRATEGIES", {})
+    x, gate_up, down, pairs = routed_inputs(400, 8, 2, 64, 48, 0, torch.float32)
+    counts = pairs.counts_E.tolist()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with FlopCounterMode(display=False) as counter:
+        expert_swiglu(x, gate_up, down, counts, pairs.weight_N, pairs.token_N, pairs.position_TK)
+    assert counter.get_total_flops() == 2 * sum(counts) * 64 * 48 * 3
+    assert torch.equal(torch.rand(3), expected)
+    assert len(kernels.strategies()) == 1 and set(kernels.strategies().values()) <= {"tasks", "grouped"}
+    fewer = [counts[0] - 1, *counts[1:]]
+    expert_swiglu(torch.randn(sum(fewer), 64), gate_up, down, fewer)
+    assert len(kernels.strategies()) == 1  # the same class: no new measurement
+    for forced in ("tasks", "grouped"):
+        monkeypatch.setattr(kernels, "FORCE_STRATEGY", forced)
+        plan = plan_rows(counts, pairs.token_N, pairs.position_TK, x, 48)
+        assert (plan.blocks[0].expert is None) == (forced == "grouped")
+    monkeypatch.setattr(kernels, "FORCE_STRATEGY", "fast")
+    with pytest.raises(ValueError, match="MOE_LIB_EXPERTS"):
+        plan_rows(counts, pairs.token_N, pairs.position_TK, x, 48)
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_both_strategies_agree_forward_bitwise_and_backward_closely(two_threads, routed):
+    """Tasks and one grouped block: the same forward bits, gradients within rounding, also for the
+    expanded gradient that y.sum() sends back (grouped_mm needs real strides)."""
+    if routed:
+        x, gate_up, down, pairs = routed_inputs(600, 8, 2, 64, 48, 40, torch.float32)
+        args = (pairs.counts_E.tolist(), pairs.weight_N, pairs.token_N, pairs.position_TK)
+    else:
+        x, gate_up, down, _ = routed_inputs(600, 1, 1, 64, 48, 0, torch.float32)
+        args = ([600], None, None, None)
+    results = []
+    for plan in (kernels.task_plan(args[0], args[2], args[3], 2),
+                 kernels.grouped_plan(args[0], args[2], args[3])):
+        leaves = [t.clone().requires_grad_() for t in (x, gate_up, down)]
+        weight = None if args[1] is None else args[1].clone().requires_grad_()
+        y = ExpertSwiGLU.apply(leaves[0], weight, leaves[1], leaves[2], plan)
+        y.sum().backward()
+        results.append([y.detach(), *(t.grad for t in leaves), *([] if weight is None else [weight.grad])])
+    assert torch.equal(results[0][0], results[1][0])
+    for tasks, grouped in zip(results[0][1:], results[1][1:], strict=True):  # float32 sums of ~100 rows
+        torch.testing.assert_close(grouped, tasks, rtol=1e-5, atol=1e-6 * tasks.abs().max().item())
