@@ -1,18 +1,23 @@
-"""Compute kernels: GEMM backends chosen by measurement, and a runner that keeps every core busy.
+"""Compute kernels: GEMM backends and expert strategies chosen by measurement, and a runner that
+keeps every core busy.
 
-Two measured facts about CPUs with few cores (`python -m moe_lib.bench cpu`) shape this module:
+Three measured facts about CPUs with few cores (`python -m moe_lib.bench cpu`) shape this module:
 
 1. Which float32 GEMM is fastest depends on the CPU, its instruction-set level and the shape:
    torch's `mm` (MKL's sgemm in the x86 wheels) and oneDNN (which torch also ships) trade places
    from one machine to the next. `matmul` times both once per shape class, dtype and thread count,
    and keeps the faster (`gemm_choices()` lists the choices). Both compute the same float32 product.
 2. An expert's GEMMs are small (about [400, 256] x [256, 256] at the book's config). Split over all
-   cores, each pays a fork/join and runs far below a core's peak; whole, one per core, they run
-   close to it. `run_tasks` hands tasks (whole experts) to `torch.get_num_threads()` worker threads
-   that use one intra-op thread each.
+   cores, each pays a fork/join and runs below a core's peak; whole, one per core, they run close
+   to it. `run_tasks` hands tasks (whole experts) to `torch.get_num_threads()` worker threads that
+   use one intra-op thread each.
+3. Each task also pays a fixed cost (a dozen small ops issued from Python), so on small experts
+   (few rows, or narrow ones like the tiny model's) one call of torch's grouped GEMM per product,
+   split over the intra-op threads, wins instead. `strategy` times both plans once per shape class
+   (`strategies()` lists the choices); their forward outputs are bitwise equal.
 
-`grouped_mm` (torch's grouped GEMM) serves the other devices, where one kernel per projection is
-the fast way.
+`grouped_mm` (torch's grouped GEMM) also serves the other devices, where one kernel per projection
+is the fast way.
 """
 
 from __future__ import annotations

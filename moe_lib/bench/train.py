@@ -243,8 +243,7 @@ def add_parser(commands) -> None:
     bench.add_argument("--preset", default="tiny", help="training preset (default tiny)")
     bench.add_argument("--quick", action="store_true",
                        help="2 windows per step, 2 warm-up, 1 timed and 1 profiled step: a smoke test")
-    bench.add_argument("--threads", type=int, default=1,
-                       help="torch threads (default 1, as the shipped tiny run was trained)")
+    bench.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     bench.add_argument("--reps", type=int, default=5, help="timed steps (default 5)")
     bench.add_argument("--profile-steps", type=int, default=2, help="profiled steps (default 2)")
