@@ -209,7 +209,10 @@ def run_train_bench(args: argparse.Namespace) -> dict:
               "ms_per_step": {k: v / 1e3 / args.profile_steps for k, v in totals.items()},
               "method": __doc__.split("\n\n", 1)[1].strip(),
               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-              "command": "python -m moe_lib.bench train" + (" --quick" if args.quick else "")
+              "experts_strategy": {"forced": kernels.FORCE_STRATEGY, "measured": kernels.strategies(),
+                                   "gemm_backends": kernels.gemm_choices()},
+              "command": ("MOE_LIB_EXPERTS=" + kernels.FORCE_STRATEGY + " " if kernels.FORCE_STRATEGY else "")
+                         + "python -m moe_lib.bench train" + (" --quick" if args.quick else "")
                          + f" --preset {args.preset} --threads {args.threads}"}
     print(format_table(report))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
