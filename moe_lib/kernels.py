@@ -280,15 +280,19 @@ class RowPlan(NamedTuple):
 
 
 def plan_rows(counts_E: list[int], token_N: torch.Tensor | None, position_TK: torch.Tensor | None,
-              x_TH: torch.Tensor, d_expert: int) -> RowPlan:
+              x_TH: torch.Tensor, d_expert: int, training: bool | None = None) -> RowPlan:
     """How to run the experts: one grouped block (torch's grouped GEMM, split over the intra-op
     threads) on other devices, and on the CPU where `strategy` measured it faster; otherwise
     whole experts as tasks on the workers, those larger than a quarter of one worker's share
-    split so that the workers finish together."""
+    split so that the workers finish together. `training`: whether a backward will follow (by
+    default: grad mode is on and x requires grad)."""
+    if training is None:
+        training = torch.is_grad_enabled() and x_TH.requires_grad
     n_rows = sum(counts_E)
     inline = 6 * n_rows * x_TH.shape[1] * d_expert < 1 << 22  # under ~4 MFLOP: not worth the hand-off
     if use_grouped_mm(x_TH, x_TH.shape[1], d_expert) and (
-            x_TH.device.type != "cpu" or (not inline and strategy(counts_E, x_TH, d_expert) == "grouped")):
+            x_TH.device.type != "cpu"
+            or (not inline and strategy(counts_E, x_TH, d_expert, training) == "grouped")):
         return grouped_plan(counts_E, token_N, position_TK)
     return task_plan(counts_E, token_N, position_TK, 1 if inline else torch.get_num_threads(), inline)
 
@@ -323,21 +327,32 @@ _STRATEGIES_LOCK = threading.Lock()
 # 'tasks' or 'grouped' for every CPU call instead of measuring (e.g. for identical gradients on
 # every machine); read at import from MOE_LIB_EXPERTS, or set here
 FORCE_STRATEGY: str | None = os.environ.get("MOE_LIB_EXPERTS") or None
-STRATEGY_MARGIN = 1.05  # grouped must beat the tasks by 5% to be chosen
+# how much faster grouped must be to be chosen: in training by a wide margin, so that noise does
+# not flip a close call from run to run (the two plans' weight gradients differ in rounding); in
+# inference the outputs are bitwise equal either way
+STRATEGY_MARGIN = {"training": 1.15, "inference": 1.05}
 MEASURE_MAX_MACS = 1 << 31  # larger shape classes are not timed: the tasks win there (bench cpu)
 
 
-def _strategy_key(counts_E: list[int], x_TH: torch.Tensor, d_expert: int) -> tuple:
-    """Shape class of an experts call: dtype, threads, experts and rows per expert (each rounded up
-    to a power of two), H and I."""
+def _half_octave(n: int) -> int:
+    """n rounded up to the next 2^k or 3 * 2^(k-1) (..., 64, 96, 128, 192, 256, ...)."""
+    power = 1 << (max(1, n) - 1).bit_length()
+    return 3 * power // 4 if n <= 3 * power // 4 and power >= 4 else power
+
+
+def _strategy_key(counts_E: list[int], x_TH: torch.Tensor, d_expert: int, training: bool) -> tuple:
+    """Shape class of an experts call: training or inference, dtype, threads, experts (rounded up to
+    a power of two), rows per expert (rounded up to a half octave: 96 and 128 rows differ), H, I."""
     groups = max(1, len(counts_E))
     rows = max(1, math.ceil(sum(counts_E) / groups))
-    return (str(x_TH.dtype).removeprefix("torch."), torch.get_num_threads(), 1 << (groups - 1).bit_length(),
-            1 << (rows - 1).bit_length(), x_TH.shape[1], d_expert)
+    return ("training" if training else "inference", str(x_TH.dtype).removeprefix("torch."),
+            torch.get_num_threads(), 1 << (groups - 1).bit_length(), _half_octave(rows), x_TH.shape[1],
+            d_expert)
 
 
-def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int) -> str:
-    """'tasks' or 'grouped' for a CPU experts call, measured once per shape class (`strategies()`).
+def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int, training: bool = False) -> str:
+    """'tasks' or 'grouped' for a CPU experts call, measured once per shape class (`strategies()`):
+    the forward alone for inference, forward + backward when `training`.
 
     Which is faster depends on the machine and on the work per expert, as for the GEMM backends:
     tasks (one expert per core) win on large experts; torch's grouped GEMM, split over the intra-op
@@ -350,7 +365,7 @@ def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int) -> str:
             raise ValueError(f"MOE_LIB_EXPERTS / kernels.FORCE_STRATEGY={FORCE_STRATEGY!r} is invalid: "
                              "expected 'tasks' or 'grouped'")
         return FORCE_STRATEGY
-    key = _strategy_key(counts_E, x_TH, d_expert)
+    key = _strategy_key(counts_E, x_TH, d_expert, training)
     if key not in _STRATEGIES:
         with _STRATEGIES_LOCK:
             if key not in _STRATEGIES:
@@ -360,16 +375,17 @@ def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int) -> str:
 
 
 def strategies() -> dict[str, str]:
-    """The measured strategies so far, as 'dtype threads=T E experts x R rows, H x I' -> strategy."""
-    return {f"{dtype} threads={threads} {groups} experts x {rows} rows, {h} x {i}": name
-            for (dtype, threads, groups, rows, h, i), name in sorted(_STRATEGIES.items())}
+    """The measured strategies so far, as 'mode dtype threads=T E experts x R rows, H x I' -> strategy."""
+    return {f"{mode} {dtype} threads={threads} {groups} experts x {rows} rows, {h} x {i}": name
+            for (mode, dtype, threads, groups, rows, h, i), name in sorted(_STRATEGIES.items())}
 
 
 def _time_strategies(key: tuple, dtype: torch.dtype) -> str:
-    """Forward + backward of both plans on random operands of the shape class (a private generator:
-    the global RNG is untouched): best of 3 interleaved rounds after one untimed round each."""
-    _, threads, groups, rows, d_model, d_expert = key
-    if groups * rows * d_model * d_expert * 3 > MEASURE_MAX_MACS:
+    """Forward (+ backward when training) of both plans on random operands of the shape class (a
+    private generator: the global RNG is untouched): best of 3 interleaved rounds after one untimed
+    round each."""
+    mode, _, threads, groups, rows, d_model, d_expert = key
+    if groups * rows * d_model * d_expert * (3 if mode == "training" else 1) > MEASURE_MAX_MACS:
         return "tasks"
     generator = torch.Generator().manual_seed(0)
     counts = [rows] * groups
@@ -383,8 +399,12 @@ def _time_strategies(key: tuple, dtype: torch.dtype) -> str:
 
         def run(plan: RowPlan) -> float:
             start = time.perf_counter()
-            y = ExpertSwiGLU.apply(leaves[0], None, leaves[1], leaves[2], plan)
-            torch.autograd.grad(y.sum(), leaves)
+            if mode == "training":
+                y = ExpertSwiGLU.apply(leaves[0], None, leaves[1], leaves[2], plan)
+                torch.autograd.grad(y.sum(), leaves)
+            else:
+                with torch.no_grad():
+                    ExpertSwiGLU.apply(leaves[0], None, leaves[1], leaves[2], plan)
             return time.perf_counter() - start
 
         best = {name: math.inf for name in plans}
@@ -392,7 +412,7 @@ def _time_strategies(key: tuple, dtype: torch.dtype) -> str:
             for name, plan in plans.items():
                 seconds = run(plan)
                 best[name] = min(best[name], seconds) if round_ else best[name]
-    return "grouped" if best["grouped"] * STRATEGY_MARGIN < best["tasks"] else "tasks"
+    return "grouped" if best["grouped"] * STRATEGY_MARGIN[mode] < best["tasks"] else "tasks"
 
 
 def _rows(x_TH: torch.Tensor, token_N: torch.Tensor | None, rows: slice) -> torch.Tensor:
@@ -526,5 +546,7 @@ def expert_swiglu(x_TH: torch.Tensor, gate_up_EFH: torch.Tensor, down_EHI: torch
     """SwiGLU experts on rows sorted by expert (`ExpertSwiGLU`): counts_E rows per expert, row n
     reading x[token_N[n]] (x's own rows when None) and scaled by weight_N[n] (1 when None); the
     output sums the rows position_TK[t] into row t (the rows themselves when None)."""
-    plan = plan_rows(counts_E, token_N, position_TK, x_TH, down_EHI.shape[-1])
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_TH, weight_N, gate_up_EFH, down_EHI))
+    plan = plan_rows(counts_E, token_N, position_TK, x_TH, down_EHI.shape[-1], training)
     return ExpertSwiGLU.apply(x_TH, weight_N, gate_up_EFH, down_EHI, plan)
