@@ -303,6 +303,9 @@ def test_strategy_is_measured_once_per_shape_class_invisibly(two_threads, monkey
     fewer = [counts[0] - 1, *counts[1:]]
     expert_swiglu(torch.randn(sum(fewer), 64), gate_up, down, fewer)
     assert len(kernels.strategies()) == 1  # the same class: no new measurement
+    assert list(kernels.strategies())[0].startswith("inference ")
+    expert_swiglu(x.requires_grad_(), gate_up, down, counts, pairs.weight_N, pairs.token_N, pairs.position_TK)
+    assert sorted(k.split()[0] for k in kernels.strategies()) == ["inference", "training"]
     for forced in ("tasks", "grouped"):
         monkeypatch.setattr(kernels, "FORCE_STRATEGY", forced)
         plan = plan_rows(counts, pairs.token_N, pairs.position_TK, x, 48)
