@@ -27,6 +27,10 @@ only (module hooks and wrapped functions, removed afterwards), plus the loop's o
 Backward ops are attributed to the scope of the forward op that created their autograd node (the
 profiler's sequence numbers link the two). The profiler adds a little time to every op, so the shares
 are estimates; the profiled step time is reported next to the unprofiled one.
+
+Experts plan (`--compare-plans N`): N more steps of each, alternating in this process, with the
+CPU experts plan measured per shape class (`kernels.strategy`, the default) and forced to the
+tasks, so that a slower moment of the machine hits both alike.
 """
 
 from __future__ import annotations
@@ -195,6 +199,7 @@ def run_train_bench(args: argparse.Namespace) -> dict:
             with record_function(STEP_SCOPE):
                 trainer.train_step()
         profiled_step_s = (time.perf_counter() - start) / args.profile_steps
+    plans = compare_plans(trainer, args.compare_plans) if args.compare_plans else None
     events = prof.events()
     thread = next(e.thread for e in events if e.name == STEP_SCOPE)
     totals = attribute(events, thread)
@@ -211,14 +216,42 @@ def run_train_bench(args: argparse.Namespace) -> dict:
               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
               "experts_strategy": {"forced": kernels.FORCE_STRATEGY, "measured": kernels.strategies(),
                                    "gemm_backends": kernels.gemm_choices()},
+              "compare_plans": plans,
               "command": ("MOE_LIB_EXPERTS=" + kernels.FORCE_STRATEGY + " " if kernels.FORCE_STRATEGY else "")
                          + "python -m moe_lib.bench train" + (" --quick" if args.quick else "")
-                         + f" --preset {args.preset} --threads {args.threads}"}
+                         + f" --preset {args.preset} --threads {args.threads}"
+                         + (f" --compare-plans {args.compare_plans}" if args.compare_plans else "")}
     print(format_table(report))
+    if plans:
+        print(f"experts plan, {plans['steps']} alternating steps each: measured (default) "
+              f"{plans['measured_ms']:.0f} ms per step, tasks only {plans['tasks_ms']:.0f} ms "
+              f"({plans['tasks_ms'] / plans['measured_ms']:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return report
+
+
+def compare_plans(trainer: Trainer, steps: int) -> dict:
+    """Median step time with the experts plan measured (the default) and forced to the tasks,
+    alternating steps in this process after one untimed step of each."""
+    forced, times = kernels.FORCE_STRATEGY, {None: [], "tasks": []}
+    try:
+        for plan in times:
+            kernels.FORCE_STRATEGY = plan
+            trainer.train_step()
+        for i in range(steps):
+            for plan in ([None, "tasks"] if i % 2 == 0 else ["tasks", None]):
+                kernels.FORCE_STRATEGY = plan
+                start = time.perf_counter()
+                trainer.train_step()
+                times[plan].append(time.perf_counter() - start)
+    finally:
+        kernels.FORCE_STRATEGY = forced
+    return {"steps": steps, "measured_ms": 1e3 * statistics.median(times[None]),
+            "tasks_ms": 1e3 * statistics.median(times["tasks"]),
+            "measured_ms_all": [1e3 * t for t in times[None]],
+            "tasks_ms_all": [1e3 * t for t in times["tasks"]]}
 
 
 def format_table(report: dict) -> str:
@@ -250,5 +283,8 @@ def add_parser(commands) -> None:
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     bench.add_argument("--reps", type=int, default=5, help="timed steps (default 5)")
     bench.add_argument("--profile-steps", type=int, default=2, help="profiled steps (default 2)")
+    bench.add_argument("--compare-plans", type=int, default=0, metavar="N",
+                       help="N alternating steps each with the experts plan measured and forced to "
+                            "the tasks (default 0: off)")
     bench.add_argument("--out", default="benchmarks/train.json", help="JSON output path")
     bench.set_defaults(run=run_train_bench)
