@@ -323,7 +323,8 @@ def run_shape(cfg: MoEConfig, tokens: int, reps: int, warmup: int, seed: int) ->
     return {"config": cfg.to_dict(), "tokens": tokens, "dtype": "float32", "threads": torch.get_num_threads(),
             "reps": reps, "warmup": warmup, "dense_shape": [tokens, cfg.d_model, n_dense],
             "max_rel_error_vs_loop": errors, "skipped": skipped, **summarize(times, cfg, tokens, n_dense),
-            "gemm_choices": kernels.gemm_choices(),
+            "gemm_choices": kernels.gemm_choices(), "experts_strategies": kernels.strategies(),
+            "experts_forced": kernels.FORCE_STRATEGY,
             "load_average_before_after": [load_before[0], os.getloadavg()[0]]}
 
 

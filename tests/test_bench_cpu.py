@@ -1,0 +1,28 @@
+"""`python -m moe_lib.bench cpu` on a tiny shape: one instruction-set level in its child process,
+every implementation checked against `loop`, the JSON and the README tables."""
+
+import json
+
+from moe_lib.bench import main
+from moe_lib.bench.cpu import DEFAULT_PATH, MODES, markdown
+
+
+def test_bench_cpu_tiny_shape_one_level(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    main(["cpu", "--tokens", "64", "--d-model", "32", "--d-expert", "16", "--reps", "1", "--warmup", "0",
+          "--threads", "1", "--levels", "avx2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    level = report["levels"]["avx2"]
+    assert level["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert level["isa"]["aten_cpu_capability"].lower() == "avx2"  # the cap took effect in the child
+    assert "AVX2" in level["isa"]["onednn_isa"]
+    run = level["runs"][0]
+    assert run["tokens"] == 64 and run["config"]["d_model"] == 32 and run["threads"] == 1
+    assert max(run["max_rel_error_vs_loop"].values()) < 1e-5
+    ours = run["results"][DEFAULT_PATH]
+    for mode in MODES:
+        assert ours[mode]["tokens_per_s"] > 0 and ours[mode]["speedup_vs_best_transformers"] > 0
+    assert "experts_strategies" in run and report["machine"]["flags"]["avx2"] in (True, False)
+    table = markdown(report)
+    assert f"| {DEFAULT_PATH} (default) |" in table and "| 64 tokens, H 32, I 16 |" in table
+    assert "wrote" in capsys.readouterr().out
