@@ -1,0 +1,59 @@
+"""Figure for the CPU benchmark (`python -m moe_lib.bench cpu`, `benchmarks/cpu.json`): the default
+path's speed-up over the best transformers implementation and its share of the dense matmul's
+GFLOP/s, per shape, mode and instruction-set level.
+
+Numbers in the figure are rounded (`DIGITS`) so that executed notebooks store reproducible JSON.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+DIGITS = 3
+MODES = {"forward": "forward", "forward_backward": "forward+backward"}
+LEVEL_COLORS = ("#2a9d8f", "#e9c46a", "#e76f51", "#6a4c93")
+
+
+def shape_label(run: dict) -> str:
+    cfg = run["config"]
+    return f"{run['tokens']} tokens<br>H {cfg['d_model']}, I {cfg['d_expert']}"
+
+
+def cpu_benchmark_figure(report: dict, path: str = "moe_lib:grouped") -> go.Figure:
+    """Top: speed-up of `path` over the best transformers implementation, per shape, with the
+    break-even (1x) and the report's target (1.3x, dashed). Bottom: its GFLOP/s as a percentage of
+    the faster dense matmul of equal FLOPs, with the forward+backward target (75%, dashed). One bar
+    per instruction-set level."""
+    levels = report["levels"]
+    fig = make_subplots(rows=2, cols=len(MODES), shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[f"{title}: x best transformers" for title in MODES.values()]
+                        + [f"{title}: % of dense matmul" for title in MODES.values()])
+    target, dense_target = None, None
+    for i, (level, data) in enumerate(levels.items()):
+        labels = [shape_label(run) for run in data["runs"]]
+        for col, mode in enumerate(MODES, start=1):
+            entries = [run["results"][path][mode] for run in data["runs"]]
+            targets = data["runs"][0].get("target", {})
+            target = target or targets.get("speedup")
+            dense_target = dense_target or targets.get("pct_of_dense_forward_backward")
+            color = LEVEL_COLORS[i % len(LEVEL_COLORS)]
+            speedups = [round(e["speedup_vs_best_transformers"], DIGITS) for e in entries]
+            fig.add_trace(go.Bar(x=labels, y=speedups,
+                                 name=level, legendgroup=level, showlegend=col == 1, marker_color=color,
+                                 text=[f"{e['speedup_vs_best_transformers']:.2f}x" for e in entries],
+                                 textposition="outside"), row=1, col=col)
+            fig.add_trace(go.Bar(x=labels, y=[round(e["pct_of_dense"], 1) for e in entries], name=level,
+                                 legendgroup=level, showlegend=False, marker_color=color),
+                          row=2, col=col)
+    for col in range(1, len(MODES) + 1):
+        fig.add_hline(y=1.0, line_dash="dot", line_color="grey", row=1, col=col)
+        if target:
+            fig.add_hline(y=target, line_dash="dash", line_color="#c0392b", row=1, col=col)
+    if dense_target:
+        fig.add_hline(y=dense_target, line_dash="dash", line_color="#c0392b", row=2, col=2)
+    fig.update_yaxes(title_text="speed-up", row=1, col=1)
+    fig.update_yaxes(title_text="% of dense GFLOP/s", row=2, col=1)
+    fig.update_layout(barmode="group", height=560, margin={"t": 60, "b": 40},
+                      legend={"title": "instruction set"})
+    return fig
