@@ -8,8 +8,8 @@ Three measured facts about CPUs with few cores (`python -m moe_lib.bench cpu`) s
    from one machine to the next. `matmul` times both once per shape class, dtype and thread count,
    and keeps the faster (`gemm_choices()` lists the choices). Both compute the same float32 product.
 2. An expert's GEMMs are small (about [400, 256] x [256, 256] at the book's config). Split over all
-   cores, each pays a fork/join and runs below a core's peak; whole, one per core, they run close
-   to it. `run_tasks` hands tasks (whole experts) to `torch.get_num_threads()` worker threads that
+   cores, each pays a fork/join and a split that leaves each core a thin slice; whole, one per
+   core, they pay neither. `run_tasks` hands tasks (whole experts) to `torch.get_num_threads()` worker threads that
    use one intra-op thread each.
 3. Each task also pays a fixed cost (a dozen small ops issued from Python), so on small experts
    (few rows, or narrow ones like the tiny model's) one call of torch's grouped GEMM per product,
@@ -91,18 +91,24 @@ def _random_like_layout(rows: int, cols: int, transposed: bool, dtype: torch.dty
     return torch.randn(rows, cols, dtype=dtype, generator=generator)
 
 
-def _measure(key: tuple, dtype: torch.dtype) -> str:
-    """The faster backend on random operands of this shape class: best of 4 interleaved rounds.
+def _measured_once(cache: dict, lock: threading.Lock, key: tuple, measure: Callable, dtype: torch.dtype):
+    """cache[key], filled by measure(key, dtype) the first time any thread asks for it.
 
-    Invisible to the caller: its operands come from a private generator (the global RNG, and so
-    seeded notebooks and training runs, are untouched) and it runs outside any active dispatch mode
-    (a FlopCounterMode around the first call counts the caller's GEMMs, not these timings).
+    Invisible to the caller: a measurement draws its operands from a private generator (the global
+    RNG, and so seeded notebooks and training runs, are untouched) and runs outside any active
+    dispatch mode (a FlopCounterMode around the first call counts the caller's work, not the timings).
     """
-    with _disable_current_modes():
-        return _time_backends(key, dtype)
+    if key not in cache:
+        with lock:
+            if key not in cache:
+                with _disable_current_modes():
+                    cache[key] = measure(key, dtype)
+    return cache[key]
 
 
-def _time_backends(key: tuple, dtype: torch.dtype) -> str:
+@torch.no_grad()
+def _measure(key: tuple, dtype: torch.dtype) -> str:
+    """The faster GEMM backend on random operands of this shape class: best of 4 interleaved rounds."""
     _, _, a_t, b_t, rows, k, n = key
     generator = torch.Generator().manual_seed(0)
     a_MK = _random_like_layout(rows, k, a_t, dtype, generator)
@@ -124,12 +130,7 @@ def gemm_backend(a_MK: torch.Tensor, b_KN: torch.Tensor) -> str:
     if not (ONEDNN and a_MK.device.type == "cpu" and a_MK.dtype == torch.float32 and a_MK.numel()
             and b_KN.numel()):
         return "torch.mm"
-    key = _key(a_MK, b_KN)
-    if key not in _CHOICES:
-        with _CHOICES_LOCK, torch.no_grad():
-            if key not in _CHOICES:
-                _CHOICES[key] = _measure(key, a_MK.dtype)
-    return _CHOICES[key]
+    return _measured_once(_CHOICES, _CHOICES_LOCK, _key(a_MK, b_KN), _measure, a_MK.dtype)
 
 
 def gemm_choices() -> dict[str, str]:
@@ -280,14 +281,12 @@ class RowPlan(NamedTuple):
 
 
 def plan_rows(counts_E: list[int], token_N: torch.Tensor | None, position_TK: torch.Tensor | None,
-              x_TH: torch.Tensor, d_expert: int, training: bool | None = None) -> RowPlan:
+              x_TH: torch.Tensor, d_expert: int, training: bool = False) -> RowPlan:
     """How to run the experts: one grouped block (torch's grouped GEMM, split over the intra-op
     threads) on other devices, and on the CPU where `strategy` measured it faster; otherwise
     whole experts as tasks on the workers, those larger than a quarter of one worker's share
-    split so that the workers finish together. `training`: whether a backward will follow (by
-    default: grad mode is on and x requires grad)."""
-    if training is None:
-        training = torch.is_grad_enabled() and x_TH.requires_grad
+    split so that the workers finish together. `training`: whether a backward will follow (the
+    CPU plan is measured separately for inference and training)."""
     n_rows = sum(counts_E)
     inline = 6 * n_rows * x_TH.shape[1] * d_expert < 1 << 22  # under ~4 MFLOP: not worth the hand-off
     if use_grouped_mm(x_TH, x_TH.shape[1], d_expert) and (
@@ -331,7 +330,7 @@ FORCE_STRATEGY: str | None = os.environ.get("MOE_LIB_EXPERTS") or None
 # not flip a close call from run to run (the two plans' weight gradients differ in rounding); in
 # inference the outputs are bitwise equal either way
 STRATEGY_MARGIN = {"training": 1.15, "inference": 1.05}
-MEASURE_MAX_MACS = 1 << 31  # larger shape classes are not timed: the tasks win there (bench cpu)
+MEASURE_MAX_MACS = 1 << 31  # larger shape classes are not timed: the tasks, measured faster there
 
 
 def _half_octave(n: int) -> int:
@@ -365,13 +364,8 @@ def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int, training: b
             raise ValueError(f"MOE_LIB_EXPERTS / kernels.FORCE_STRATEGY={FORCE_STRATEGY!r} is invalid: "
                              "expected 'tasks' or 'grouped'")
         return FORCE_STRATEGY
-    key = _strategy_key(counts_E, x_TH, d_expert, training)
-    if key not in _STRATEGIES:
-        with _STRATEGIES_LOCK:
-            if key not in _STRATEGIES:
-                with _disable_current_modes():
-                    _STRATEGIES[key] = _time_strategies(key, x_TH.dtype)
-    return _STRATEGIES[key]
+    return _measured_once(_STRATEGIES, _STRATEGIES_LOCK, _strategy_key(counts_E, x_TH, d_expert, training),
+                          _time_strategies, x_TH.dtype)
 
 
 def strategies() -> dict[str, str]:
@@ -381,9 +375,8 @@ def strategies() -> dict[str, str]:
 
 
 def _time_strategies(key: tuple, dtype: torch.dtype) -> str:
-    """Forward (+ backward when training) of both plans on random operands of the shape class (a
-    private generator: the global RNG is untouched): best of 3 interleaved rounds after one untimed
-    round each."""
+    """The faster plan, forward (+ backward when training), on random operands of the shape class:
+    best of 3 interleaved rounds after one untimed round each."""
     mode, _, threads, groups, rows, d_model, d_expert = key
     if groups * rows * d_model * d_expert * (3 if mode == "training" else 1) > MEASURE_MAX_MACS:
         return "tasks"
@@ -407,11 +400,12 @@ def _time_strategies(key: tuple, dtype: torch.dtype) -> str:
                     ExpertSwiGLU.apply(leaves[0], None, leaves[1], leaves[2], plan)
             return time.perf_counter() - start
 
-        best = {name: math.inf for name in plans}
-        for round_ in range(4):
+        for plan in plans.values():  # untimed: first-use work (GEMM backends, allocations)
+            run(plan)
+        best = dict.fromkeys(plans, math.inf)
+        for _ in range(3):  # interleaved: a slower moment of the machine hits both plans
             for name, plan in plans.items():
-                seconds = run(plan)
-                best[name] = min(best[name], seconds) if round_ else best[name]
+                best[name] = min(best[name], run(plan))
     return "grouped" if best["grouped"] * STRATEGY_MARGIN[mode] < best["tasks"] else "tasks"
 
 

@@ -9,8 +9,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import platform
+from pathlib import Path
 
 COMMANDS = ("cpu", "train", "mtp", "ep", "gpu")
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and its instruction-set flags, from /proc/cpuinfo ("flags", or "Features"
+    on ARM); `platform.processor()` and no flags where there is no /proc/cpuinfo. Every benchmark
+    and reproduction records them with its results."""
+    model, flags = platform.processor() or platform.machine(), set()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    return model, flags
 
 
 def main(argv: list[str] | None = None) -> None:

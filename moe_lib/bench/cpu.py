@@ -44,6 +44,7 @@ from ..balance import update_bias
 from ..config import MoEConfig
 from ..moe import DeepSeekMoE
 from ..presets import BOOK
+from . import cpu_info
 
 OURS = ("loop", "sorted", "grouped")
 TRANSFORMERS = ("eager", "grouped_mm", "batched_mm")
@@ -67,10 +68,7 @@ def machine() -> dict:
     """CPU model and instruction-set flags, cores, torch and transformers versions."""
     import transformers
 
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                 platform.processor())
-    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    model, flags = cpu_info()
     return {"cpu": model, "flags": {f: f in flags for f in FLAGS}, "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
@@ -368,7 +366,9 @@ def run_cpu(args: argparse.Namespace) -> dict:
             child += ["--d-model", str(args.d_model)] if args.d_model else []
             child += ["--d-expert", str(args.d_expert)] if args.d_expert else []
             child += ["--sweep"] if args.sweep else []
-            subprocess.run(child, check=True, env={**os.environ, **LEVELS[level]})
+            # native: without any cap the caller's environment may hold; avx2: with the caps
+            env = {k: v for k, v in os.environ.items() if k not in LEVELS["avx2"]} | LEVELS[level]
+            subprocess.run(child, check=True, env=env)
             report["levels"][level] = {"env": LEVELS[level], **json.loads(out.read_text())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -57,6 +57,7 @@ from ..router import Router
 from ..train import loop
 from ..train.loop import Trainer, load_corpus
 from ..train.presets import make_config
+from . import cpu_info
 
 # The routed experts' compute in each dispatch path: the grouped path's expert kernel, the sorted
 # path's per-expert SwiGLU, the loop path's expert forward (labelled where they exist).
@@ -68,11 +69,7 @@ CATEGORIES = ("attention", "routing", "dispatch", "experts", "dense_ffn", "balan
 
 def machine() -> dict:
     """CPU model and SIMD flags, cores, threads, torch version, date."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    lines = cpuinfo.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                 platform.processor())
-    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    model, flags = cpu_info()
     return {"cpu": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags, "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,

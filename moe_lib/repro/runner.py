@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from scipy import stats
 
+from ..bench import cpu_info
 from ..config import MoEConfig
 from ..model import ModelConfig
 from ..train.data import Corpus, eval_windows
@@ -57,14 +58,7 @@ def train_config(scale: Scale, moe: MoEConfig) -> TrainConfig:
 
 def machine() -> dict:
     """CPU model, its SIMD flags, cores, torch threads and version, load average and date (UTC)."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
+    cpu, flags = cpu_info()
     return {"cpu": cpu, "simd_flags": [f for f in SIMD_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),

@@ -29,15 +29,11 @@ def cpu_benchmark_figure(report: dict, path: str = "moe_lib:grouped") -> go.Figu
     fig = make_subplots(rows=2, cols=len(MODES), shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=[f"{title}: x best transformers" for title in MODES.values()]
                         + [f"{title}: % of dense matmul" for title in MODES.values()])
-    target, dense_target = None, None
     for i, (level, data) in enumerate(levels.items()):
         labels = [shape_label(run) for run in data["runs"]]
+        color = LEVEL_COLORS[i % len(LEVEL_COLORS)]
         for col, mode in enumerate(MODES, start=1):
             entries = [run["results"][path][mode] for run in data["runs"]]
-            targets = data["runs"][0].get("target", {})
-            target = target or targets.get("speedup")
-            dense_target = dense_target or targets.get("pct_of_dense_forward_backward")
-            color = LEVEL_COLORS[i % len(LEVEL_COLORS)]
             speedups = [round(e["speedup_vs_best_transformers"], DIGITS) for e in entries]
             fig.add_trace(go.Bar(x=labels, y=speedups,
                                  name=level, legendgroup=level, showlegend=col == 1, marker_color=color,
@@ -46,12 +42,14 @@ def cpu_benchmark_figure(report: dict, path: str = "moe_lib:grouped") -> go.Figu
             fig.add_trace(go.Bar(x=labels, y=[round(e["pct_of_dense"], 1) for e in entries], name=level,
                                  legendgroup=level, showlegend=False, marker_color=color),
                           row=2, col=col)
+    targets = next(iter(levels.values()))["runs"][0].get("target", {})  # the same in every run
     for col in range(1, len(MODES) + 1):
         fig.add_hline(y=1.0, line_dash="dot", line_color="grey", row=1, col=col)
-        if target:
-            fig.add_hline(y=target, line_dash="dash", line_color="#c0392b", row=1, col=col)
-    if dense_target:
-        fig.add_hline(y=dense_target, line_dash="dash", line_color="#c0392b", row=2, col=2)
+        if "speedup" in targets:
+            fig.add_hline(y=targets["speedup"], line_dash="dash", line_color="#c0392b", row=1, col=col)
+    if "pct_of_dense_forward_backward" in targets:
+        fig.add_hline(y=targets["pct_of_dense_forward_backward"], line_dash="dash", line_color="#c0392b",
+                      row=2, col=2)
     fig.update_yaxes(title_text="speed-up", row=1, col=1)
     fig.update_yaxes(title_text="% of dense GFLOP/s", row=2, col=1)
     fig.update_layout(barmode="group", height=560, margin={"t": 60, "b": 40},

@@ -6,9 +6,6 @@ Numbers in the figures are rounded (`DIGITS`) so that executed notebooks store r
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -18,18 +15,6 @@ from ..model.speculative import expected_tokens, predicted_speedup
 DIGITS = 3
 SOURCE_COLORS = ("#9aa5b1", "#2a9d8f", "#e9c46a", "#e76f51", "#6a4c93")  # main model, draft 1, 2, ..
 VISIBLE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192"}  # space, newline, tab as visible marks
-
-
-def benchmark_report(name: str = "mtp") -> dict:
-    """The committed `benchmarks/<name>.json` of the repository: next to the `moe_lib` package or in
-    the working directory or one of its parents (a chapter runs in `chapters/`)."""
-    package_root = Path(__file__).resolve().parents[2]
-    for base in (package_root, Path.cwd(), *Path.cwd().parents):
-        candidate = base / "benchmarks" / f"{name}.json"
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise FileNotFoundError(f"no benchmarks/{name}.json next to moe_lib ({package_root}) or above "
-                            f"{Path.cwd()}: run `python -m moe_lib.bench {name}` in the repository")
 
 
 def speedup_curves(acceptance: float = 0.85, depth: int = 1, draft_cost: float = 0.1,
