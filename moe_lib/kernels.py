@@ -9,8 +9,8 @@ Three measured facts about CPUs with few cores (`python -m moe_lib.bench cpu`) s
    and keeps the faster (`gemm_choices()` lists the choices). Both compute the same float32 product.
 2. An expert's GEMMs are small (about [400, 256] x [256, 256] at the book's config). Split over all
    cores, each pays a fork/join and a split that leaves each core a thin slice; whole, one per
-   core, they pay neither. `run_tasks` hands tasks (whole experts) to `torch.get_num_threads()` worker threads that
-   use one intra-op thread each.
+   core, they pay neither. `run_tasks` hands tasks (whole experts) to `torch.get_num_threads()`
+   worker threads that use one intra-op thread each.
 3. Each task also pays a fixed cost (a dozen small ops issued from Python), so on small experts
    (few rows, or narrow ones like the tiny model's) one call of torch's grouped GEMM per product,
    split over the intra-op threads, wins instead. `strategy` times both plans once per shape class
