@@ -6,9 +6,9 @@ from .experts import Expert, RoutedExperts
 from .model import ModelConfig, Transformer, generate
 from .moe import DeepSeekMoE, RoutingStats
 from .router import Router, Routing, route
-from .train.checkpoint import load_checkpoint
+from .train.checkpoint import load_checkpoint, load_tokenizer
 
 __all__ = ["DeepSeekMoE", "Expert", "LoadMonitor", "MoEConfig", "ModelConfig", "RoutedExperts", "Router",
-           "Routing", "RoutingStats", "Transformer", "generate", "load_checkpoint", "route",
+           "Routing", "RoutingStats", "Transformer", "generate", "load_checkpoint", "load_tokenizer", "route",
            "update_bias"]
 __version__ = "0.1.0"

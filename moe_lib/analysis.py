@@ -3,20 +3,20 @@ of every byte, and how much the routing tells about those classes.
 
 Token classes come from the standard library's `tokenize` (keywords, identifiers, strings, comments,
 numbers, operators) plus the whitespace the tokenizer skips (indentation at the start of a line,
-spaces between tokens, newlines); the model reads bytes, so every class is spread over the UTF-8
-bytes of its characters.
+spaces between tokens, newlines), first per UTF-8 byte (`token_classes`); a model that reads BPE ids
+gives each id the class most of its bytes have (`classes_of_tokens`).
 
 Specialisation is measured as the mutual information between a label (token class, corpus domain)
 and the experts a token is sent to, over all (token, selected expert) pairs of one layer:
 
     I(C; E) = sum_{c,e} p(c, e) log2( p(c, e) / (p(c) p(e)) )                       [bits]
 
-and, to ask whether routing knows more than the byte itself, conditioned on the byte G:
+and, to ask whether routing knows more than the token itself, conditioned on the token id G:
 
     I(C; E | G) = sum_{g,c,e} p(g, c, e) log2( p(g, c, e) p(g) / (p(g, c) p(g, e)) ).
 
 Finite samples make both positive even for independent labels; `shuffle_labels` gives the baseline
-(labels permuted across tokens, within each byte value when conditioning).
+(labels permuted across tokens, within each token id when conditioning).
 """
 
 from __future__ import annotations
@@ -77,6 +77,34 @@ def token_classes(source: str) -> torch.Tensor:
         pass
     widths = torch.tensor([len(ch.encode("utf-8")) for ch in source], dtype=torch.long)
     return torch.tensor(labels, dtype=torch.long).repeat_interleave(widths)
+
+
+def token_offsets(ids_T: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Byte offset [T + 1] where each token of `ids_T` starts in the decoded bytes (last: the end)."""
+    lengths = [len(tokenizer.token_bytes(int(i))) for i in ids_T.tolist()]
+    return torch.tensor([0] + lengths, dtype=torch.long).cumsum(0)
+
+
+def token_at(ids_T: torch.Tensor, tokenizer, byte_offset: int) -> int:
+    """The index of the token of `ids_T` that covers byte `byte_offset` of its text."""
+    offsets = token_offsets(ids_T, tokenizer)
+    if not 0 <= byte_offset < int(offsets[-1]):
+        raise ValueError(f"byte offset {byte_offset} is outside the {int(offsets[-1])} bytes of the tokens")
+    return int(torch.searchsorted(offsets, byte_offset, right=True)) - 1
+
+
+def classes_of_tokens(byte_classes: torch.Tensor, ids_T: torch.Tensor, tokenizer) -> torch.Tensor:
+    """One class per token from the classes of its bytes: the class most of its bytes have (ties: the
+    one that comes first in the token), e.g. ' return' is a keyword, '\n        ' indentation."""
+    offsets = token_offsets(ids_T, tokenizer)
+    if int(offsets[-1]) != byte_classes.numel():
+        raise ValueError(f"the tokens cover {int(offsets[-1])} bytes but {byte_classes.numel()} byte "
+                         "classes were given")
+    out = []
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        span = byte_classes[start:end].tolist()
+        out.append(max(span, key=lambda c, span=span: (span.count(c), -span.index(c))))
+    return torch.tensor(out, dtype=torch.long)
 
 
 @dataclass(frozen=True)

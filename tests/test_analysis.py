@@ -12,11 +12,14 @@ from model_utils import make_model, tiny_model_cfg
 from moe_lib.analysis import (
     TOKEN_CLASSES,
     class_expert_counts,
+    classes_of_tokens,
     mutual_information,
     routing_trace,
     shuffle_labels,
+    token_at,
     token_classes,
 )
+from moe_lib.train.tokenizer import BPETokenizer, ByteTokenizer
 
 
 def _spans(source: str) -> list[tuple[str, bytes]]:
@@ -44,6 +47,23 @@ def test_token_classes_cover_every_byte_and_survive_broken_code():
         labels = token_classes(source)
         assert labels.shape == (len(source.encode()),)
         assert labels.dtype == torch.long and (labels < len(TOKEN_CLASSES)).all()
+
+
+def test_classes_of_bpe_tokens_follow_most_of_their_bytes():
+    source = "def f(x):\n    return x + 10\n"
+    tok = BPETokenizer.train([source.encode() * 4, b"x = 10 + 10 return x return y return z return" * 4], 275)
+    ids = tok.encode(source)
+    names = [TOKEN_CLASSES[c] for c in classes_of_tokens(token_classes(source), ids, tok).tolist()]
+    texts = [tok.token_bytes(i) for i in ids.tolist()]
+    assert dict(zip(texts, names, strict=True))[b" return"] == "keyword"  # 6 keyword bytes, 1 space
+    assert dict(zip(texts, names, strict=True))[b" 10"] == "number"
+    assert len(names) == len(ids) < len(source)
+    assert texts[token_at(ids, tok, source.index("return"))] == b" return"
+    assert token_at(torch.tensor(list(b"abc")), ByteTokenizer(), 2) == 2
+    with pytest.raises(ValueError, match="cover 3 bytes but 2 byte classes"):
+        classes_of_tokens(torch.zeros(2, dtype=torch.long), torch.tensor(list(b"abc")), ByteTokenizer())
+    with pytest.raises(ValueError, match="outside the 3 bytes"):
+        token_at(torch.tensor(list(b"abc")), ByteTokenizer(), 3)
 
 
 def test_routing_trace_matches_the_layers_and_spans_windows():

@@ -31,7 +31,7 @@ def test_gate_matrix_holds_the_selected_weights():
 
 def test_text_routing_figure_one_trace_per_layer_for_any_text():
     model = _byte_model()
-    fig = static_slider(lambda text: vr.make_text_routing_figure(text, model, max_bytes=20), "text",
+    fig = static_slider(lambda text: vr.make_text_routing_figure(text, model, max_tokens=20), "text",
                         ["def f(x):\n    return x", "é", ""])
     assert len(fig.data) == 3 * 2
     assert list(fig.layout.xaxis2.ticktext)[:4] == ["d", "e", "f", "␣"]
@@ -48,3 +48,22 @@ def test_lift_figure_marks_preferences():
 def test_specialisation_figure():
     fig = vr.specialisation_figure({"trained": [0.5, 0.25], "shuffled": [0.01, 0.02]}, ["l1", "l2"])
     assert len(fig.data) == 2 and list(fig.data[0].x) == ["l1", "l2"]
+
+
+def test_text_routing_figure_in_bpe_tokens():
+    from moe_lib.train.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train([b"def f(x):\n    return x\n" * 3, b"    return y\n"], 270)
+    model = make_model(tiny_model_cfg(vocab_size=270))
+    fig = vr.make_text_routing_figure("def f(x):\n    return x", model, tokenizer=tok)
+    ids = tok.encode("def f(x):\n    return x")
+    assert len(fig.data[0].z[0]) == len(ids) < 20
+    labels = list(fig.layout.xaxis2.ticktext)
+    assert "".join(labels) == "def␣f(x):↵␣␣␣␣return␣x" and "␣return" in labels
+    assert "tokens" in fig.layout.title.text
+    try:
+        vr.make_text_routing_figure("x", _byte_model(), tokenizer=tok)
+    except ValueError as err:
+        assert "270 ids but the model reads 256" in str(err)
+    else:
+        raise AssertionError("a tokenizer of another vocabulary must be refused")

@@ -33,7 +33,7 @@ import torch
 
 from ..model import Transformer, generate, speculative_generate
 from ..model.speculative import expected_tokens, predicted_speedup
-from ..train.checkpoint import load_checkpoint
+from ..train.checkpoint import load_checkpoint, load_tokenizer
 from ..train.data import eval_windows, stdlib_corpus
 from .cpu import machine
 
@@ -176,14 +176,16 @@ def run_mtp_bench(args: argparse.Namespace) -> dict:
     prompt_len = min(size["prompt_len"], cfg.max_seq_len // 2)
     new_tokens = min(size["new_tokens"], cfg.max_seq_len - prompt_len)
     load_before = os.getloadavg()[0]
-    val = stdlib_corpus().val
+    tokenizer = load_tokenizer(args.checkpoint)
+    val = stdlib_corpus().tokenized(tokenizer).val
     windows = eval_windows(val, min(cfg.max_seq_len, 256) - 1, size["windows"])
-    prompts = eval_windows(val, prompt_len - 1, size["prompts"] + 2)[1:-1]  # not the very first bytes
+    prompts = eval_windows(val, prompt_len - 1, size["prompts"] + 2)[1:-1]  # not the very first tokens
     tf = teacher_forced(model, windows)
     gen, costs = generation(model, prompts, new_tokens, depths, size["rounds"], size["cost_reps"])
     out = args.out or (None if args.quick else "benchmarks/mtp.json")
     report = {"benchmark": "mtp", "quick": args.quick, "checkpoint": str(args.checkpoint),
-              "config": cfg.to_dict(), "machine": {**machine(), "date": datetime.date.today().isoformat()},
+              "config": cfg.to_dict(), "tokenizer": tokenizer.kind,
+              "machine": {**machine(), "date": datetime.date.today().isoformat()},
               "command": command(args),
               "settings": {**size, "prompt_len": prompt_len, "new_tokens": new_tokens,
                            "threads": args.threads, "decoding": "greedy, batch size 1"},

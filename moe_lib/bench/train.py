@@ -55,7 +55,7 @@ from ..model.attention import MLA
 from ..moe import DeepSeekMoE
 from ..router import Router
 from ..train import loop
-from ..train.loop import Trainer, load_corpus
+from ..train.loop import Trainer, prepare_data
 from ..train.presets import make_config
 from . import cpu_info
 
@@ -180,8 +180,8 @@ def run_train_bench(args: argparse.Namespace) -> dict:
         args.warmup, args.reps, args.profile_steps = 2, 1, 1  # first steps pay one-time set-up
     cfg = make_config(args.preset, **changes)
     load_before = os.getloadavg()
-    corpus = load_corpus(cfg)
-    trainer = Trainer.create(cfg, corpus)
+    corpus, tokenizer = prepare_data(cfg)
+    trainer = Trainer.create(cfg, corpus, tokenizer)
     for _ in range(args.warmup):
         trainer.train_step()
     times = []

@@ -1,6 +1,7 @@
 """Checkpoints: a directory with `config.json` (the `ModelConfig`) and `model.safetensors` (weights and
 buffers, including every router's correction bias and accumulated loads), plus `train_state.pt`
-(optimizer, scheduler, RNG states, data position) when training can resume from it.
+(optimizer, scheduler, RNG states, data position) when training can resume from it, and
+`tokenizer.json` when the model reads BPE ids (`load_tokenizer`; without it the ids are bytes).
 
 The safetensors metadata repeats the config and records a SHA-256 of the tensor data, so a checkpoint
 whose files disagree, or whose weights were damaged after saving, is refused with a message naming
@@ -19,14 +20,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..model import ModelConfig, Transformer
+from .tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
+
+__all__ = ["load_checkpoint", "load_tokenizer", "save_checkpoint"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.pt"
 
 
-def save_checkpoint(directory: str | Path, model: Transformer, train_state: dict | None = None) -> Path:
-    """Write `model` (and, if given, the training state) to `directory`; returns the directory.
+def save_checkpoint(directory: str | Path, model: Transformer, train_state: dict | None = None,
+                    tokenizer: ByteTokenizer | None = None) -> Path:
+    """Write `model` (and, if given, the training state and the tokenizer, as tokenizer.json) to
+    `directory`; returns the directory.
 
     Files are written to a temporary name and renamed, so an interrupted save never leaves a
     half-written file under the final name.
@@ -37,6 +43,11 @@ def save_checkpoint(directory: str | Path, model: Transformer, train_state: dict
     metadata = {"format": "moe_lib", "config": model.cfg.to_json(), "sha256": tensor_digest(tensors)}
     _atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     _atomic(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(model.cfg.to_json() + "\n"))
+    if tokenizer is not None:
+        if tokenizer.vocab_size != model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size "
+                             f"is {model.cfg.vocab_size}")
+        save_tokenizer(tokenizer, directory)
     if train_state is not None:
         _atomic(directory / TRAIN_STATE_FILE, lambda tmp: torch.save(train_state, tmp))
     return directory

@@ -1,9 +1,10 @@
-"""Training data: byte-level tokens, the Python standard library corpus, a synthetic multi-domain
-corpus, seeded windows with a resumable position, and the bigram baseline.
+"""Training data: the Python standard library corpus, a synthetic multi-domain corpus, seeded
+windows with a resumable position, and the bigram baseline.
 
-Tokens are bytes (vocab 256): `encode(text)` is the UTF-8 encoding, so any file is representable
-and nothing has to be trained or shipped. Files are joined with byte 0 (`DOC_SEPARATOR`), which
-never occurs in Python source.
+Corpora are built as UTF-8 byte streams (`encode(text)` is the UTF-8 encoding), with files joined by
+byte 0 (`DOC_SEPARATOR`), which never occurs in Python source; `Corpus.tokenized(tokenizer)`
+re-encodes them with a trained BPE (`tokenizer.py`), document by document, keeping id 0 between
+documents.
 
 The default corpus is the standard library found on this machine at run time (nothing downloaded,
 nothing copied into the repository). The split is by FILE and deterministic: a file is in the
@@ -14,8 +15,8 @@ Bigram baseline: the add-one smoothed bigram model estimated on the train split,
 
     p(b | a) = (n(a, b) + 1) / (n(a) + V),
 
-and its cross-entropy on validation targets is what a model must clearly beat to have learned more
-than which byte tends to follow which.
+and its cross-entropy on validation targets (same tokens) is what a model must clearly beat to have
+learned more than which token tends to follow which.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .tokenizer import ByteTokenizer
 
 VOCAB_SIZE = 256
 DOC_SEPARATOR = 0
@@ -50,7 +53,8 @@ def decode(ids: torch.Tensor | list[int]) -> str:
 class Corpus:
     """A token stream split into train and validation.
 
-    train / val: 1-D uint8 token streams. train_domains / val_domains: per-token domain index into
+    train / val: 1-D token streams (uint8 bytes, or int32 ids after `tokenized`).
+    train_domains / val_domains: per-token domain index into
     `domains` (synthetic corpus only, else None). train_files / val_files: the documents of each split.
     """
 
@@ -70,6 +74,50 @@ class Corpus:
                 "val_tokens": int(self.val.numel()), "train_files": len(self.train_files),
                 "val_files": len(self.val_files),
                 "files_sha256": hashlib.sha256(files.encode()).hexdigest()[:16]}
+
+    def tokenized(self, tokenizer: ByteTokenizer) -> Corpus:
+        """This byte-level corpus with both splits re-encoded by `tokenizer` (itself if bytes).
+
+        Documents (split at byte 0) are encoded one by one and joined by id 0 again; in the synthetic
+        corpus every run of one domain is encoded on its own, so each id keeps its domain.
+        """
+        if tokenizer.kind == "bytes":
+            return self
+        if self.train.dtype != torch.uint8:
+            raise ValueError("Corpus.tokenized expects a byte-level corpus (uint8 streams)")
+        train, train_dom = _retokenize(self.train, self.train_domains, tokenizer)
+        val, val_dom = _retokenize(self.val, self.val_domains, tokenizer)
+        return Corpus(self.name, train, val, self.train_files, self.val_files, self.domains,
+                      train_dom, val_dom)
+
+    def documents(self, split: str = "train") -> list[bytes]:
+        """The documents of a byte-level split (`train` or `val`) as bytes."""
+        stream = {"train": self.train, "val": self.val}[split]
+        return bytes(stream.numpy()).split(bytes([DOC_SEPARATOR]))
+
+
+def _retokenize(stream: torch.Tensor, domains: torch.Tensor | None, tokenizer: ByteTokenizer):
+    data = bytes(stream.numpy())
+    if domains is None:
+        ids: list[int] = []
+        for i, doc in enumerate(data.split(bytes([DOC_SEPARATOR]))):
+            ids += ([DOC_SEPARATOR] if i else []) + tokenizer.encode_bytes(doc)
+        return torch.tensor(ids, dtype=torch.int32), None
+    ids, labels = [], []
+    change = (torch.nonzero(domains[1:] != domains[:-1]).flatten() + 1).tolist()
+    for start, end in zip([0, *change], [*change, len(data)], strict=True):
+        run = tokenizer.encode_bytes(data[start:end])
+        ids += run
+        labels += [int(domains[start])] * len(run)
+    return torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.uint8)
+
+
+def bytes_per_token(windows_NL: torch.Tensor, tokenizer: ByteTokenizer) -> float:
+    """Mean UTF-8 bytes per next-token target of `windows_NL` (1.0 for bytes): CE per token divided by
+    it is CE per byte, comparable across tokenizers."""
+    targets = windows_NL[:, 1:].reshape(-1).tolist()
+    lengths = {t: len(tokenizer.token_bytes(t)) for t in set(targets)}
+    return sum(lengths[t] for t in targets) / len(targets)
 
 
 def in_validation(rel_path: str, val_fraction: float) -> bool:
@@ -257,9 +305,9 @@ def bigram_log_probs(train: torch.Tensor, vocab_size: int = VOCAB_SIZE,
 
 
 def bigram_cross_entropy(train: torch.Tensor, windows_NL: torch.Tensor,
-                         smoothing: float = 1.0) -> float:
+                         smoothing: float = 1.0, vocab_size: int = VOCAB_SIZE) -> float:
     """Mean cross-entropy (nats per token) of the bigram model of `train` on the next-token targets of
     `windows_NL` (token j+1 predicted from token j): the same targets a language model is scored on."""
-    log_p = bigram_log_probs(train, smoothing=smoothing)
+    log_p = bigram_log_probs(train, vocab_size=vocab_size, smoothing=smoothing)
     prev, nxt = windows_NL[:, :-1].long(), windows_NL[:, 1:].long()
     return -log_p[prev, nxt].mean().item()

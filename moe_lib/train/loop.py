@@ -42,12 +42,13 @@ from .data import (
     Corpus,
     Windows,
     bigram_cross_entropy,
-    decode,
-    encode,
+    bytes_per_token,
     eval_windows,
     stdlib_corpus,
     synthetic_corpus,
 )
+from .tokenizer import KINDS as TOKENIZERS
+from .tokenizer import BPETokenizer, ByteTokenizer
 
 CORPORA = ("stdlib", "synthetic")
 METRICS_FILE = "metrics.jsonl"
@@ -65,6 +66,9 @@ class TrainConfig:
     model: the `ModelConfig`; its `moe` must use bias_update "step" (the loop calls `update_bias`)
         or "none", and aux_loss_inject=False when an auxiliary loss is on.
     corpus: "stdlib" (the Python standard library, split by file) or "synthetic" (four domains).
+    tokenizer: "bytes" (model.vocab_size 256) or "bpe" (a byte-level BPE with model.vocab_size ids,
+        trained at the start of the run on the train split, deterministically, and saved with the
+        checkpoints as tokenizer.json).
     steps / batch_size / grad_accum: optimizer steps; windows per micro-batch; micro-batches per step.
     lr, min_lr_ratio, warmup_steps: linear warmup to lr, then cosine decay to min_lr_ratio * lr.
     weight_decay, betas, eps: AdamW (decay on matrices and embeddings only, not on norm weights).
@@ -78,6 +82,7 @@ class TrainConfig:
 
     model: ModelConfig
     corpus: str = "stdlib"
+    tokenizer: str = "bytes"
     val_fraction: float = 0.05
     seed: int = 0
     steps: int = 1000
@@ -107,6 +112,12 @@ class TrainConfig:
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
         _check(isinstance(self.model, ModelConfig), "model", self.model, "a ModelConfig")
         _check(self.corpus in CORPORA, "corpus", self.corpus, f"one of {CORPORA}")
+        _check(self.tokenizer in TOKENIZERS, "tokenizer", self.tokenizer, f"one of {TOKENIZERS}")
+        vocab = self.model.vocab_size
+        _check(self.tokenizer != "bytes" or vocab == 256, "model.vocab_size", vocab,
+               "256 with tokenizer='bytes' (one id per byte)")
+        _check(self.tokenizer != "bpe" or vocab > 256, "model.vocab_size", vocab,
+               "more than 256 with tokenizer='bpe' (256 byte ids plus the merges)")
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every", "sample_tokens"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                    getattr(self, name), "a positive integer")
@@ -170,9 +181,24 @@ def mtp_lambda_at(step: int, cfg: TrainConfig) -> float:
 # --- building blocks -------------------------------------------------------------------------------
 
 def load_corpus(cfg: TrainConfig) -> Corpus:
+    """The byte-level corpus of `cfg` (see `prepare_data` for its tokens)."""
     if cfg.corpus == "synthetic":
         return synthetic_corpus(seed=cfg.seed)
     return stdlib_corpus(val_fraction=cfg.val_fraction)
+
+
+def build_tokenizer(cfg: TrainConfig, corpus: Corpus) -> ByteTokenizer:
+    """Bytes, or the BPE of `cfg.model.vocab_size` ids trained on the train split of `corpus`."""
+    if cfg.tokenizer == "bytes":
+        return ByteTokenizer()
+    return BPETokenizer.train(corpus.documents("train"), cfg.model.vocab_size)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[Corpus, ByteTokenizer]:
+    """The corpus of `cfg` in the ids of its tokenizer, and that tokenizer."""
+    corpus = load_corpus(cfg)
+    tokenizer = build_tokenizer(cfg, corpus)
+    return corpus.tokenized(tokenizer), tokenizer
 
 
 def moe_modules(model: torch.nn.Module) -> dict[str, DeepSeekMoE]:
@@ -216,16 +242,22 @@ class Trainer:
     windows: Windows
     step: int = 0
     moe: dict[str, DeepSeekMoE] = field(default_factory=dict)
+    tokenizer: ByteTokenizer = field(default_factory=ByteTokenizer)
 
     @classmethod
-    def create(cls, cfg: TrainConfig, corpus: Corpus) -> Trainer:
+    def create(cls, cfg: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | None = None) -> Trainer:
+        """A fresh run on `corpus` (already in the ids of `tokenizer`; default bytes)."""
+        tokenizer = tokenizer or ByteTokenizer()
+        if tokenizer.vocab_size != cfg.model.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+                             f"{cfg.model.vocab_size}")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         model = Transformer(cfg.model)
         optimizer = build_optimizer(model, cfg)
         windows = Windows(corpus.train, cfg.model.max_seq_len, cfg.batch_size, seed=cfg.seed)
         return cls(cfg, model, optimizer, build_scheduler(optimizer, cfg), windows,
-                   moe=moe_modules(model))
+                   moe=moe_modules(model), tokenizer=tokenizer)
 
     def train_step(self) -> dict:
         """One optimizer step over `grad_accum` micro-batches; returns its metrics."""
@@ -289,7 +321,7 @@ class Trainer:
                 "train_config": json.dumps(self.cfg.to_dict())}
 
     def save(self, out_dir: Path) -> None:
-        checkpoint.save_checkpoint(out_dir, self.model, self.state_dict())
+        checkpoint.save_checkpoint(out_dir, self.model, self.state_dict(), tokenizer=self.tokenizer)
 
     def resume(self, out_dir: Path) -> None:
         """Restore the state saved in `out_dir`; its TrainConfig must match except observation fields."""
@@ -300,6 +332,11 @@ class Trainer:
         if diff:
             raise ValueError(f"cannot resume from {out_dir}: it was trained with a different config: "
                              f"{checkpoint.format_diff(diff, 'checkpoint', 'now')}")
+        saved_tokenizer = checkpoint.load_tokenizer(out_dir)
+        if saved_tokenizer != self.tokenizer:
+            raise ValueError(f"cannot resume from {out_dir}: its tokenizer.json differs from the "
+                             f"tokenizer trained now ({saved_tokenizer!r} vs {self.tokenizer!r}): "
+                             "the corpus on this machine changed")
         checkpoint.load_weights(self.model, out_dir)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -326,9 +363,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start_time, load_before = time.perf_counter(), os.getloadavg()
-    corpus = load_corpus(cfg)
+    corpus, tokenizer = prepare_data(cfg)
     val_NL = eval_windows(corpus.val, cfg.model.max_seq_len, cfg.eval_windows or None)
-    trainer = Trainer.create(cfg, corpus)
+    trainer = Trainer.create(cfg, corpus, tokenizer)
     if resume:
         trainer.resume(out_dir)
     (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -356,9 +393,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != end:
                 trainer.save(out_dir)
     trainer.save(out_dir)
+    bpt = bytes_per_token(val_NL, tokenizer)
+    bigram = bigram_cross_entropy(corpus.train, val_NL, vocab_size=tokenizer.vocab_size)
+    if "val_ce" in evaluation:
+        evaluation = {**evaluation, "val_ce_per_byte": evaluation["val_ce"] / bpt}
     summary = {"command": command, "steps_done": trainer.step, "steps": cfg.steps,
                "corpus": corpus.describe(),
-               "bigram_val_ce": bigram_cross_entropy(corpus.train, val_NL),
+               "tokenizer": tokenizer.kind, "val_bytes_per_token": bpt,
+               "bigram_val_ce": bigram, "bigram_val_ce_per_byte": bigram / bpt,
                "final": {k: v for k, v in record.items() if not k.startswith("val_") and k != "bias"},
                "validation": evaluation,
                "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - start_time,
@@ -367,19 +409,21 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
                                                                                   os.getloadavg()[0]],
                "torch": torch.__version__, "config": cfg.to_dict()}
     if trainer.step == cfg.steps:
-        summary["samples"] = samples(trainer.model, cfg.sample_prompts, cfg.sample_tokens)
+        summary["samples"] = samples(trainer.model, cfg.sample_prompts, cfg.sample_tokens, tokenizer)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def samples(model: Transformer, prompts: tuple[str, ...], n_tokens: int) -> dict[str, str]:
-    """Greedy continuations of each prompt (byte-level), as text."""
+def samples(model: Transformer, prompts: tuple[str, ...], n_tokens: int,
+            tokenizer: ByteTokenizer | None = None) -> dict[str, str]:
+    """Greedy continuations of each prompt (`n_tokens` ids of `tokenizer`, default bytes), as text."""
+    tokenizer = tokenizer or ByteTokenizer()
     model.eval()
     out = {}
     for prompt in prompts:
-        ids = encode(prompt)
+        ids = tokenizer.encode(prompt)
         n = min(n_tokens, model.cfg.max_seq_len - len(ids))
-        out[prompt] = decode(generate(model, ids, n)[len(ids):])
+        out[prompt] = tokenizer.decode(generate(model, ids, n)[len(ids):])
     return out
 
 

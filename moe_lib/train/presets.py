@@ -23,7 +23,7 @@ from ..model import ModelConfig
 from .loop import TrainConfig
 
 TINY_MODEL = ModelConfig(
-    vocab_size=256, d_model=128, n_layers=4, n_dense_layers=1, d_dense=384, n_heads=4, q_lora_rank=0,
+    vocab_size=1024, d_model=128, n_layers=4, n_dense_layers=1, d_dense=384, n_heads=4, q_lora_rank=0,
     kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_seq_len=256,
     moe=MoEConfig(d_model=128, d_expert=32, n_routed=32, n_shared=1, top_k=4, n_groups=4, topk_groups=2,
                   score_func="sigmoid", route_scale=2.5, bias_update="step", bias_update_speed=1e-2,
@@ -39,11 +39,13 @@ TEST_MODEL = ModelConfig(
     mtp_depth=1)
 
 PRESETS = {
-    "tiny": TrainConfig(model=TINY_MODEL, steps=1100, batch_size=4, grad_accum=1, lr=3e-3,
+    "tiny": TrainConfig(model=TINY_MODEL, tokenizer="bpe", steps=1600, batch_size=4, grad_accum=1, lr=3e-3,
                         warmup_steps=50, eval_every=100, eval_windows=64, log_every=10,
                         checkpoint_every=100,
                         sample_prompts=("import os\nimport ", "class Reader:\n    def __init__(self, ",
-                                        "        if ", "    def "),
+                                        "        if ", "    def ", "def main(", "# Copyright",
+                                        "    return ", "for i in range(", '"""Utilities for',
+                                        "try:\n    "),
                         sample_tokens=120),
     "test": TrainConfig(model=TEST_MODEL, steps=6, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2,
                         eval_every=3, eval_windows=8, log_every=1, sample_prompts=("def ",),

@@ -1,9 +1,9 @@
-"""Figures for the chapter on what the experts learn: the routing of a text, per byte and MoE layer,
-and the experts used by each token class or corpus domain.
+"""Figures for the chapter on what the experts learn: the routing of a text, per token and MoE
+layer, and the experts used by each token class or corpus domain.
 
-`make_text_routing_figure(text, model)` routes `text` through `model` and draws one heatmap per
-MoE layer (experts x bytes, colour = gate weight, 0 where the expert was not selected). It has one
-trace per layer whatever the text, so `static_slider` can stack it over several example texts.
+`make_text_routing_figure(text, model, tokenizer=...)` routes `text` through `model` and draws one
+heatmap per MoE layer (experts x tokens, colour = gate weight, 0 where the expert was not selected).
+It has one trace per layer whatever the text, so `static_slider` can stack it over several texts.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 
 from ..analysis import RoutingTrace, routing_trace
 from ..model import Transformer
-from ..train.data import encode
+from ..train.tokenizer import ByteTokenizer
 from .balance import _r
 
 _SHOWN = {ord(" "): "␣", ord("\n"): "↵", ord("\t"): "⇥"}
@@ -27,6 +27,13 @@ def byte_labels(ids_T: torch.Tensor) -> list[str]:
     return [_SHOWN.get(b, chr(b) if 33 <= b < 127 else "·") for b in ids_T.tolist()]
 
 
+def token_labels(ids_T: torch.Tensor, tokenizer: ByteTokenizer | None = None) -> list[str]:
+    """A printable label per token: its bytes as `byte_labels` shows them, joined (bytes by default)."""
+    if tokenizer is None or tokenizer.kind == "bytes":
+        return byte_labels(ids_T)
+    return ["".join(byte_labels(torch.tensor(list(tokenizer.token_bytes(i))))) for i in ids_T.tolist()]
+
+
 def gate_matrix(trace: RoutingTrace, n_experts: int) -> torch.Tensor:
     """Gate weights [L, E, T] of every expert for every token (0 where it was not selected)."""
     n_layers, n_tokens, _ = trace.indices.shape
@@ -34,10 +41,12 @@ def gate_matrix(trace: RoutingTrace, n_experts: int) -> torch.Tensor:
     return dense_LTE.transpose(1, 2)
 
 
-def routing_figure(trace: RoutingTrace, ids_T: torch.Tensor, n_experts: int, title: str = "") -> go.Figure:
-    """One heatmap per MoE layer, stacked: experts (rows) x bytes (columns), colour = gate weight."""
+def routing_figure(trace: RoutingTrace, ids_T: torch.Tensor, n_experts: int, title: str = "",
+                   tokenizer: ByteTokenizer | None = None) -> go.Figure:
+    """One heatmap per MoE layer, stacked: experts (rows) x tokens (columns), colour = gate weight;
+    tokens are labelled by their text in `tokenizer` (bytes by default)."""
     gates_LET = gate_matrix(trace, n_experts)
-    labels = byte_labels(ids_T)
+    labels = token_labels(ids_T, tokenizer)
     positions = list(range(len(labels)))
     n_layers = len(trace.layers)
     fig = make_subplots(rows=n_layers, cols=1, shared_xaxes=True, vertical_spacing=0.06,
@@ -46,7 +55,7 @@ def routing_figure(trace: RoutingTrace, ids_T: torch.Tensor, n_experts: int, tit
     for row, gates_ET in enumerate(gates_LET, start=1):
         fig.add_trace(go.Heatmap(z=_r(gates_ET, 2), x=positions, y=list(range(n_experts)), zmin=0, zmax=zmax,
                                  colorscale="Blues", showscale=row == 1, colorbar={"title": "gate"},
-                                 hovertemplate="byte %{x}<br>expert %{y}<br>gate %{z}<extra></extra>"),
+                                 hovertemplate="token %{x}<br>expert %{y}<br>gate %{z}<extra></extra>"),
                       row=row, col=1)
         fig.update_yaxes(title_text="expert", row=row, col=1)
     fig.update_xaxes(tickmode="array", tickvals=positions, ticktext=labels, tickangle=0, tickfont={"size": 9},
@@ -55,14 +64,21 @@ def routing_figure(trace: RoutingTrace, ids_T: torch.Tensor, n_experts: int, tit
     return fig
 
 
-def make_text_routing_figure(text: str, model: Transformer, max_bytes: int = 120) -> go.Figure:
-    """Route the first `max_bytes` UTF-8 bytes of `text` through `model` and draw `routing_figure`."""
-    ids_T = encode(text)[:max_bytes]
+def make_text_routing_figure(text: str, model: Transformer, max_tokens: int = 120,
+                             tokenizer: ByteTokenizer | None = None) -> go.Figure:
+    """Route the first `max_tokens` tokens of `text` (in `tokenizer`, default bytes) through `model`
+    and draw `routing_figure`."""
+    tokenizer = tokenizer or ByteTokenizer()
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model reads "
+                         f"{model.cfg.vocab_size}: pass the checkpoint's tokenizer (moe_lib.load_tokenizer)")
+    ids_T = tokenizer.encode(text)[:max_tokens]
     if ids_T.numel() == 0:
-        ids_T = encode(" ")
+        ids_T = tokenizer.encode(" ")
     trace = routing_trace(model, ids_T)
-    return routing_figure(trace, ids_T, model.cfg.moe.n_routed,
-                          title=f"routing of {ids_T.numel()} bytes ({len(trace.layers)} MoE layers)")
+    unit = "bytes" if tokenizer.kind == "bytes" else "tokens"
+    return routing_figure(trace, ids_T, model.cfg.moe.n_routed, tokenizer=tokenizer,
+                          title=f"routing of {ids_T.numel()} {unit} ({len(trace.layers)} MoE layers)")
 
 
 def lift_figure(counts: Mapping[str, torch.Tensor], label_names: Sequence[str],

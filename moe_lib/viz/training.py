@@ -60,8 +60,9 @@ def main_layers(records: Sequence[dict], key: str = "bias") -> list[str]:
 
 
 def loss_figure(records: Sequence[dict], bigram: float | None = None,
-                title: str = "cross-entropy") -> go.Figure:
-    """Training CE per logged step, validation CE where evaluated, and the bigram baseline (dotted)."""
+                title: str = "cross-entropy", unit: str = "byte") -> go.Figure:
+    """Training CE per logged step, validation CE where evaluated, and the bigram baseline (dotted),
+    in nats per `unit`: the model's token ("byte" for byte-level models, "token" for BPE)."""
     fig = go.Figure()
     steps, ce = column(records, "ce")
     fig.add_trace(go.Scatter(x=steps, y=_r(ce), mode="lines", name="train (batch)"))
@@ -70,7 +71,7 @@ def loss_figure(records: Sequence[dict], bigram: float | None = None,
     if bigram is not None:
         fig.add_hline(y=round(bigram, 3), line_dash="dot", line_color="#7f7f7f",
                       annotation_text=f"bigram baseline {bigram:.2f}", annotation_position="top right")
-    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="nats per byte", height=380,
+    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title=f"nats per {unit}", height=380,
                       margin={"t": 50, "b": 40})
     return fig
 
