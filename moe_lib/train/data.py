@@ -92,15 +92,18 @@ class Corpus:
 
     def documents(self, split: str = "train") -> list[bytes]:
         """The documents of a byte-level split (`train` or `val`) as bytes."""
-        stream = {"train": self.train, "val": self.val}[split]
-        return bytes(stream.numpy()).split(bytes([DOC_SEPARATOR]))
+        return _documents(bytes({"train": self.train, "val": self.val}[split].numpy()))
+
+
+def _documents(data: bytes) -> list[bytes]:
+    return data.split(bytes([DOC_SEPARATOR]))
 
 
 def _retokenize(stream: torch.Tensor, domains: torch.Tensor | None, tokenizer: ByteTokenizer):
     data = bytes(stream.numpy())
     if domains is None:
         ids: list[int] = []
-        for i, doc in enumerate(data.split(bytes([DOC_SEPARATOR]))):
+        for i, doc in enumerate(_documents(data)):
             ids += ([DOC_SEPARATOR] if i else []) + tokenizer.encode_bytes(doc)
         return torch.tensor(ids, dtype=torch.int32), None
     ids, labels = [], []

@@ -22,16 +22,19 @@ from .balance import _r
 _SHOWN = {ord(" "): "␣", ord("\n"): "↵", ord("\t"): "⇥"}
 
 
+def _shown(data: bytes) -> str:
+    return "".join(_SHOWN.get(b, chr(b) if 33 <= b < 127 else "·") for b in data)
+
+
 def byte_labels(ids_T: torch.Tensor) -> list[str]:
     """A printable label per byte: the character, ␣ ↵ ⇥ for blanks, · for non-ASCII and control bytes."""
-    return [_SHOWN.get(b, chr(b) if 33 <= b < 127 else "·") for b in ids_T.tolist()]
+    return token_labels(ids_T, ByteTokenizer())
 
 
 def token_labels(ids_T: torch.Tensor, tokenizer: ByteTokenizer | None = None) -> list[str]:
-    """A printable label per token: its bytes as `byte_labels` shows them, joined (bytes by default)."""
-    if tokenizer is None or tokenizer.kind == "bytes":
-        return byte_labels(ids_T)
-    return ["".join(byte_labels(torch.tensor(list(tokenizer.token_bytes(i))))) for i in ids_T.tolist()]
+    """A printable label per token: its bytes shown as `byte_labels` shows them (bytes by default)."""
+    tokenizer = tokenizer or ByteTokenizer()
+    return [_shown(tokenizer.token_bytes(i)) for i in ids_T.tolist()]
 
 
 def gate_matrix(trace: RoutingTrace, n_experts: int) -> torch.Tensor:
