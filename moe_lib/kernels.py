@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes, is_in_torch_dispatch_mode
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
+from . import native
+
 _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 ONEDNN = _LINEAR is not None and torch.backends.mkldnn.is_available()
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -453,19 +455,28 @@ class ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, weight_N, gate_up_EFH, down_EHI, plan: RowPlan):
         d_expert, n_rows = down_EHI.shape[-1], plan.n_rows
+        ctx.plan = plan
+        ops = _native_ops(x_TH, plan)
+        if ops is not None:  # the same tasks, run from C++ (moe_lib.native)
+            ctx.native = True
+            save = any(ctx.needs_input_grad[:4])
+            out_NH, gate_up_NF = ops.swiglu_forward(
+                x_TH.contiguous(), plan.token_N, None if weight_N is None else weight_N.contiguous(),
+                gate_up_EFH.contiguous(), down_EHI.contiguous(), _block_table(plan), n_rows,
+                plan.position_TK is not None, save, not plan.inline)
+            ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF)
+            return _combine(out_NH, plan)
+        ctx.native = False
         gate_up_NF = x_TH.new_empty(n_rows, 2 * d_expert)
         out_NH = _row_buffer(x_TH, plan)
 
         def task(block: Block) -> None:
             rows = slice(block.start, block.stop)
             gate_up_nF = _nt(_rows(x_TH, plan.token_N, rows), gate_up_EFH, block, plan, gate_up_NF[rows])
-            h_nI = F.silu(gate_up_nF[:, :d_expert]).mul_(gate_up_nF[:, d_expert:])
-            if weight_N is not None:
-                h_nI.mul_(weight_N[rows, None])
+            h_nI = _activation(gate_up_nF, None if weight_N is None else weight_N[rows])
             _nt(h_nI, down_EHI, block, plan, out_NH[rows])
 
         run_tasks(task, plan.blocks, plan.inline)
-        ctx.plan = plan
         ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF)
         return _combine(out_NH, plan)
 
@@ -475,6 +486,16 @@ class ExpertSwiGLU(torch.autograd.Function):
         plan: RowPlan = ctx.plan
         grad_TH = grad_TH.contiguous()  # the gradient of a sum arrives expanded; grouped_mm needs strides
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        if ctx.native:
+            grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI = native.ops().swiglu_backward(
+                grad_TH, x_TH.contiguous(), plan.token_N,
+                None if weight_N is None else weight_N.contiguous(), gate_up_EFH.contiguous(),
+                down_EHI.contiguous(), gate_up_NF, _block_table(plan), plan.n_rows, plan.n_slots,
+                plan.position_TK is not None, need_x, need_w and weight_N is not None, need_gate_up,
+                need_down, not plan.inline)
+            return _finish_backward(plan, grad_x_NH if need_x else None, grad_w_N if need_w else None,
+                                    grad_gate_up_SFH if need_gate_up else None,
+                                    grad_down_SHI if need_down else None)
         d_expert = down_EHI.shape[-1]
         grad_x_NH = _row_buffer(x_TH, plan) if need_x else None
         grad_w_N = weight_N.new_empty(plan.n_rows) if need_w else None
@@ -505,16 +526,51 @@ class ExpertSwiGLU(torch.autograd.Function):
                 _tn(grad_gate_up_nF, x_nH, block, plan, grad_gate_up_SFH)
 
         run_tasks(task, plan.blocks, plan.inline)
-        n_experts = len(plan.counts_E)
-        for grad_SOK in (grad_gate_up_SFH, grad_down_SHI):
-            for e, first, stop in plan.partials:
-                grad_SOK[e] += grad_SOK[first:stop].sum(dim=0)
-            for e, count in enumerate(plan.counts_E):
-                if count == 0:
-                    grad_SOK[e].zero_()
-        return (_combine(grad_x_NH, plan) if need_x else None, grad_w_N,
-                grad_gate_up_SFH[:n_experts] if need_gate_up else None,
-                grad_down_SHI[:n_experts] if need_down else None, None)
+        return _finish_backward(plan, grad_x_NH, grad_w_N, grad_gate_up_SFH if need_gate_up else None,
+                                grad_down_SHI if need_down else None)
+
+
+def _finish_backward(plan: RowPlan, grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI) -> tuple:
+    """Adds split experts' partial weight gradients into their own slots, zeroes those of experts
+    without rows, and sums each token's rows of dx."""
+    n_experts = len(plan.counts_E)
+    for grad_SOK in (grad_gate_up_SFH, grad_down_SHI):
+        if grad_SOK is None:
+            continue
+        for e, first, stop in plan.partials:
+            grad_SOK[e] += grad_SOK[first:stop].sum(dim=0)
+        for e, count in enumerate(plan.counts_E):
+            if count == 0:
+                grad_SOK[e].zero_()
+    return (None if grad_x_NH is None else _combine(grad_x_NH, plan), grad_w_N,
+            None if grad_gate_up_SFH is None else grad_gate_up_SFH[:n_experts],
+            None if grad_down_SHI is None else grad_down_SHI[:n_experts], None)
+
+
+def _native_ops(x_TH: torch.Tensor, plan: RowPlan):
+    """moe_lib.native's operators where they run this call: float32 on the CPU, whole-expert tasks
+    (not the grouped plan), outside dispatch modes (FlopCounterMode, fake tensors), and built."""
+    if (x_TH.device.type != "cpu" or x_TH.dtype != torch.float32 or any(b.expert is None for b in plan.blocks)
+            or is_in_torch_dispatch_mode()):
+        return None
+    return native.ops()
+
+
+def _block_table(plan: RowPlan) -> torch.Tensor:
+    """The blocks as an int64 [B, 4] table of (expert, start, stop, slot) for the C++ kernels."""
+    return torch.tensor([[b.expert, b.start, b.stop, b.slot] for b in plan.blocks],
+                        dtype=torch.int64).reshape(-1, 4)
+
+
+def _activation(gate_up_nF: torch.Tensor, weight_n: torch.Tensor | None) -> torch.Tensor:
+    """h = w * silu(gate) * up from the [n, 2I] gate/up product: by the C++ kernel where it runs (so
+    that the grouped plan's outputs equal the C++ tasks' bitwise), else by torch's ops."""
+    if (gate_up_nF.device.type == "cpu" and gate_up_nF.dtype == torch.float32 and gate_up_nF.is_contiguous()
+            and not is_in_torch_dispatch_mode() and native.ops() is not None):
+        return native.ops().swiglu_act(gate_up_nF, None if weight_n is None else weight_n.contiguous())
+    d_expert = gate_up_nF.shape[-1] // 2
+    h_nI = F.silu(gate_up_nF[:, :d_expert]).mul_(gate_up_nF[:, d_expert:])
+    return h_nI if weight_n is None else h_nI.mul_(weight_n[:, None])
 
 
 def _row_buffer(x_TH: torch.Tensor, plan: RowPlan) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""The C++ CPU kernels of `moe_lib/csrc/`, compiled on first use for this machine.
+
+`torch.utils.cpp_extension` builds `csrc/experts_cpu.cpp` once per torch version and instruction
+set (about a minute; cached in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) and
+registers its operators as `torch.ops.moe_lib_cpu.*`. The code is compiled with AVX2 and FMA where
+the CPU capability torch runs at (`torch.backends.cpu.get_cpu_capability()`, which
+`ATEN_CPU_CAPABILITY` caps) includes them, else for plain x86-64.
+
+`ops()` returns the operators, or None where they cannot be built (no C++ compiler or no `ninja`;
+a warning says why, once) or are switched off with `MOE_LIB_NATIVE=0`; `moe_lib.kernels` then runs
+the same tasks from Python.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "experts_cpu.cpp"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def isa() -> str:
+    """'avx2' where torch runs at AVX2 or above (and the compiler may use AVX2 and FMA), else 'default'."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    return "avx2" if capability.startswith(("AVX2", "AVX512")) else "default"
+
+
+def enabled() -> bool:
+    """Whether the native kernels may be used: MOE_LIB_NATIVE is not '0'."""
+    return os.environ.get("MOE_LIB_NATIVE", "1") != "0"
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    level = isa()
+    flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math"] + (["-mavx2", "-mfma"] if level == "avx2" else [])
+    load(name=f"moe_lib_cpu_{level}", sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False,
+         verbose=False)
+    return torch.ops.moe_lib_cpu
+
+
+def ops():
+    """torch.ops.moe_lib_cpu, built on first call; None if disabled or if the build failed."""
+    if not enabled():
+        return None
+    if "ops" not in _STATE:
+        with _LOCK:
+            if "ops" not in _STATE:
+                try:
+                    _STATE["ops"] = _build()
+                except Exception as error:  # no compiler, no ninja, a read-only cache: fall back
+                    _STATE["ops"] = None
+                    _STATE["error"] = error
+                    warnings.warn(f"moe_lib's C++ CPU kernels could not be built ({type(error).__name__}: "
+                                  f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
+                                  "the experts run the slower Python tasks", RuntimeWarning, stacklevel=2)
+    return _STATE["ops"]
+
+
+def build_error() -> Exception | None:
+    """Why the last build failed, if it did."""
+    return _STATE.get("error")  # type: ignore[return-value]
