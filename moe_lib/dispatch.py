@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, native
 from .experts import RoutedExperts, swiglu
 
 
@@ -74,6 +74,10 @@ class SortedPairs(NamedTuple):
 
 def sort_by_expert(indices_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts: int) -> SortedPairs:
     """Argsort the flattened pairs by expert id (stable), skipping dropped (-1) pairs."""
+    ops = native.ops_for(indices_TK, dtype=torch.int64)
+    if ops is not None:  # one counting sort on the CPU
+        order_N, token_N, counts_E, position_TK = ops.sort_pairs(indices_TK, n_experts)
+        return SortedPairs(token_N, weights_TK.reshape(-1).index_select(0, order_N), counts_E, position_TK)
     flat_N = indices_TK.reshape(-1)
     order_N = torch.argsort(flat_N, stable=True)
     counts_E = torch.bincount(flat_N + 1, minlength=n_experts + 1)

@@ -64,6 +64,19 @@ def ops():
     return _STATE["ops"]
 
 
+def ops_for(*tensors: torch.Tensor, dtype: torch.dtype | None = torch.float32):
+    """`ops()` where the native kernels may take these tensors: all on the CPU (the first of dtype
+    `dtype` unless None), outside dispatch modes (FlopCounterMode, fake tensors, torch.compile's
+    tracing); else None."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    if any(t.device.type != "cpu" for t in tensors) or (dtype is not None and tensors[0].dtype != dtype):
+        return None
+    if is_in_torch_dispatch_mode() or torch.compiler.is_compiling():
+        return None
+    return ops()
+
+
 def build_error() -> Exception | None:
     """Why the last build failed, if it did."""
     return _STATE.get("error")  # type: ignore[return-value]

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import native
 from .config import MoEConfig
 from .kernels import linear
 
@@ -83,6 +84,9 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: 
         keep_TG = kept_groups(choice_TE, n_groups, topk_groups, group_score, max(top_k // topk_groups, 1))
         keep_TE = keep_TG.repeat_interleave(choice_TE.shape[1] // n_groups, dim=1)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    ops = native.ops_for(choice_TE)
+    if ops is not None and not choice_TE.requires_grad:  # one pass per token on the CPU, same order
+        return ops.topk_indices(choice_TE, top_k)
     return choice_TE.topk(top_k, dim=-1).indices
 
 
@@ -97,7 +101,8 @@ def combine_weights(scores_TE: torch.Tensor, indices_TK: torch.Tensor, norm_topk
 
 def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) -> Routing:
     """The full routing of `cfg` from router logits; computed in float32 (float64 stays float64)."""
-    if not torch.isfinite(logits_TE).all():  # sigmoid would hide an inf input behind scores of 0 or 1
+    # sigmoid would hide an inf input behind scores of 0 or 1; a sum is NaN or inf if any term is
+    if not torch.isfinite(logits_TE.detach().sum()) and not torch.isfinite(logits_TE).all():
         raise FloatingPointError("router logits contain NaN or inf: check the input and the gate "
                                  "weight for NaN/inf values or overflow")
     scores_TE = router_scores(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)),

@@ -273,6 +273,79 @@ at::Tensor swiglu_act(const at::Tensor& gu, const std::optional<at::Tensor>& wei
   return h;
 }
 
+// greater for top-k: NaN counts as the largest value (as torch.topk), ties keep the lower index
+inline bool ranks_before(float a, float b) { return (std::isnan(a) && !std::isnan(b)) || a > b; }
+
+// indices [T, k] of each row's k largest values of choice [T, E], largest first (torch.topk's order)
+at::Tensor topk_indices(const at::Tensor& choice, int64_t k) {
+  TORCH_CHECK(choice.dim() == 2 && choice.scalar_type() == at::kFloat, "choice must be a float32 [T, E] tensor");
+  TORCH_CHECK(k >= 1 && k <= choice.size(1), "k must be in [1, E]");
+  const at::Tensor c = choice.contiguous();
+  const int64_t T = c.size(0), E = c.size(1);
+  at::Tensor out = at::empty({T, k}, c.options().dtype(at::kLong));
+  const float* v = c.data_ptr<float>();
+  int64_t* idx = out.data_ptr<int64_t>();
+  at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> best(k);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = v + t * E;
+      int64_t* ids = idx + t * k;
+      int64_t filled = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const float x = row[e];
+        if (filled == k && !ranks_before(x, best[k - 1])) continue;
+        int64_t j = filled < k ? filled++ : k - 1;
+        while (j > 0 && ranks_before(x, best[j - 1])) {
+          best[j] = best[j - 1];
+          ids[j] = ids[j - 1];
+          --j;
+        }
+        best[j] = x;
+        ids[j] = e;
+      }
+    }
+  });
+  return out;
+}
+
+// The T*K (token, expert) pairs sorted by expert, stably (a counting sort), pairs with index -1
+// (dropped by capacity) left out: (order [N] of flat pair ids, token [N], counts [E],
+// position [T, K]: where each pair landed, N for a dropped pair)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sort_pairs(const at::Tensor& indices, int64_t E) {
+  TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kLong, "indices must be an int64 [T, K] tensor");
+  const at::Tensor ind = indices.contiguous();
+  const int64_t K = ind.size(1), P = ind.numel();
+  const int64_t* flat = ind.data_ptr<int64_t>();
+  at::Tensor counts = at::zeros({E}, ind.options());
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t e = flat[p];
+    TORCH_CHECK(e >= -1 && e < E, "expert index ", e, " out of range [-1, ", E, ")");
+    if (e >= 0) ++cnt[e];
+  }
+  std::vector<int64_t> next(E);
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    next[e] = n;
+    n += cnt[e];
+  }
+  at::Tensor order = at::empty({n}, ind.options()), token = at::empty({n}, ind.options());
+  at::Tensor position = at::empty({ind.size(0), K}, ind.options());
+  int64_t *o = order.data_ptr<int64_t>(), *tk = token.data_ptr<int64_t>(), *pos = position.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t e = flat[p];
+    if (e < 0) {
+      pos[p] = n;
+      continue;
+    }
+    const int64_t slot = next[e]++;
+    o[slot] = p;
+    tk[slot] = p / K;
+    pos[p] = slot;
+  }
+  return {order, token, counts, position};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_lib_cpu, m) {
@@ -284,4 +357,6 @@ TORCH_LIBRARY(moe_lib_cpu, m) {
         "bool need_gate_up, bool need_down, bool parallel) -> (Tensor, Tensor, Tensor, Tensor)",
         &swiglu_backward);
   m.def("swiglu_act(Tensor gu, Tensor? weight) -> Tensor", &swiglu_act);
+  m.def("topk_indices(Tensor choice, int k) -> Tensor", &topk_indices);
+  m.def("sort_pairs(Tensor indices, int n_experts) -> (Tensor, Tensor, Tensor, Tensor)", &sort_pairs);
 }
