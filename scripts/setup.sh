@@ -13,6 +13,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet -e .
+# compile moe_lib's C++ CPU kernels now (about a minute, once per machine) rather than in the first test
+.venv/bin/python -c "from moe_lib import native; import sys; sys.exit(native.ops() is None)" \
+    || echo "warning: moe_lib's C++ CPU kernels did not build; the experts run the Python tasks"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

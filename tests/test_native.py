@@ -1,0 +1,133 @@
+"""moe_lib.native: the C++ CPU kernels build here, and each equals the Python path it replaces (the
+top-k and the pair sort exactly, the SwiGLU experts within float32 rounding, against float64)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_lib import kernels, native
+from moe_lib.dispatch import sort_by_expert
+from moe_lib.kernels import ExpertSwiGLU
+
+HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+@pytest.fixture
+def ops():
+    built = native.ops()
+    if built is None:
+        if HAS_COMPILER and native.enabled():
+            raise AssertionError(f"the native kernels did not build: {native.build_error()!r}")
+        pytest.skip("no C++ compiler: the native kernels are not built")
+    return built
+
+
+def test_builds_where_there_is_a_compiler(ops):
+    assert native.isa() in ("avx2", "default")
+    assert native.build_error() is None
+
+
+def test_switched_off_by_the_environment(monkeypatch, ops):
+    monkeypatch.setenv("MOE_LIB_NATIVE", "0")
+    assert native.ops() is None and native.ops_for(torch.randn(2, 2)) is None
+    monkeypatch.setenv("MOE_LIB_NATIVE", "1")
+    assert native.ops_for(torch.randn(2, 2)) is ops
+    assert native.ops_for(torch.randn(2, 2, dtype=torch.float64)) is None  # the Python path takes it
+
+
+@pytest.mark.parametrize("k", [1, 6, 64])
+def test_topk_indices_equal_torch_topk(ops, k):
+    choice = torch.randn(1000, 64)
+    assert torch.equal(ops.topk_indices(choice, k), choice.topk(k, dim=-1).indices)
+    masked = choice.masked_fill(torch.rand_like(choice) < 0.5, float("-inf"))  # a group limit's mask
+    assert torch.equal(ops.topk_indices(masked, min(k, 8)).sort(dim=-1).values,
+                       masked.topk(min(k, 8), dim=-1).indices.sort(dim=-1).values)
+
+
+def test_topk_indices_nan_first_ties_to_the_lower_index(ops):
+    choice = torch.tensor([[0.5, float("nan"), 0.9, 0.5], [0.2, 0.2, 0.2, 0.1]])
+    assert ops.topk_indices(choice, 2).tolist() == [[1, 2], [0, 1]]
+    with pytest.raises(RuntimeError, match="k must be"):
+        ops.topk_indices(choice, 5)
+
+
+def test_sort_pairs_equals_the_stable_argsort(ops, monkeypatch):
+    indices = torch.randint(0, 16, (300, 4))
+    indices[torch.rand(300, 4) < 0.1] = -1  # pairs dropped by capacity
+    weights = torch.rand(300, 4)
+    fast = sort_by_expert(indices, weights, 16)
+    monkeypatch.setenv("MOE_LIB_NATIVE", "0")
+    slow = sort_by_expert(indices, weights, 16)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sort_pairs(torch.tensor([[0, 16]]), 16)
+
+
+def test_activation_is_silu_times_up_to_float32_rounding(ops):
+    gate = torch.cat([torch.linspace(-100, 100, 2001), torch.randn(2047) * 4])
+    up, weight = torch.randn_like(gate), torch.rand(1)
+    h = ops.swiglu_act(torch.stack([gate, up], 0).reshape(1, -1), weight)
+    expected = F.silu(gate.double()) * up.double() * weight.double()
+    torch.testing.assert_close(h.reshape(-1).double(), expected, rtol=4e-7, atol=1e-30)  # exp(-g) is clamped for g < -87
+
+
+def routed(n_tokens=700, n_experts=12, top_k=3, d_model=64, d_expert=48):
+    x = torch.randn(n_tokens, d_model)
+    gate_up = torch.randn(n_experts, 2 * d_expert, d_model) / d_model**0.5
+    down = torch.randn(n_experts, d_model, d_expert) / d_expert**0.5
+    indices = torch.rand(n_tokens, n_experts).topk(top_k, dim=-1).indices
+    indices[:5, 0] = -1  # dropped pairs read the zero row
+    pairs = sort_by_expert(indices, torch.rand(n_tokens, top_k), n_experts)
+    return x, gate_up, down, pairs
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_experts_match_float64_forward_and_backward(ops, monkeypatch, threads):
+    """The C++ tasks (split experts included: few threads, many rows) against the Python tasks in
+    float64, every input's gradient."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, gate_up, down, pairs = routed(n_experts=4, top_k=2)
+        counts = pairs.counts_E.tolist()
+        grad_y = torch.randn_like(x)
+        results = {}
+        for name, dtype in (("native", torch.float32), ("reference", torch.float64)):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (x, pairs.weight_N, gate_up, down)]
+            plan = kernels.task_plan(counts, pairs.token_N, pairs.position_TK, threads)
+            assert len(plan.blocks) > len(counts) or threads == 1  # an expert is split
+            y = ExpertSwiGLU.apply(leaves[0], leaves[1], leaves[2], leaves[3], plan)
+            assert kernels._native_ops(leaves[0], plan) is (ops if name == "native" else None)
+            y.backward(grad_y.to(dtype))
+            results[name] = [y.detach(), *(t.grad for t in leaves)]
+        for got, want in zip(results["native"], results["reference"], strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_native_experts_without_routing_and_inputs_that_need_no_gradient(ops):
+    x = torch.randn(300, 32, requires_grad=True)
+    gate_up, down = torch.randn(1, 40, 32) / 6, torch.randn(1, 32, 20) / 4
+    y = kernels.expert_swiglu(x, gate_up, down, [300])
+    gate, up = (x @ gate_up[0].t()).chunk(2, dim=-1)
+    torch.testing.assert_close(y, (F.silu(gate) * up) @ down[0].t(), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    expected = torch.autograd.grad(((F.silu(gate) * up) @ down[0].t()).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_native_checks_its_inputs(ops):
+    x = torch.randn(4, 8)
+    blocks = torch.tensor([[0, 0, 4, 0]])
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.swiglu_forward(x, None, None, torch.randn(1, 6, 8), torch.randn(1, 8, 4), blocks, 4, False, False,
+                           False)
+    with pytest.raises(RuntimeError, match="blocks must be"):
+        ops.swiglu_forward(x, None, None, torch.randn(1, 8, 8), torch.randn(1, 8, 4), blocks[0], 4, False,
+                           False, False)
