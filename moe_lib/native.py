@@ -40,9 +40,11 @@ def _build():
     from torch.utils.cpp_extension import load
 
     level = isa()
-    flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math"] + (["-mavx2", "-mfma"] if level == "avx2" else [])
-    load(name=f"moe_lib_cpu_{level}", sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False,
-         verbose=False)
+    # -fopenmp: at::parallel_for is a header template that runs serially without it; the library it
+    # links, libgomp.so.1, resolves to the copy torch has already loaded (one OpenMP runtime)
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + (["-mavx2", "-mfma"] if level == "avx2" else [])
+    load(name=f"moe_lib_cpu_{level}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=False)
     return torch.ops.moe_lib_cpu
 
 

@@ -16,6 +16,7 @@
 // polynomial, relative error about 1e-7), written so that the compiler vectorizes the loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -124,13 +125,17 @@ int64_t max_rows(const std::vector<Block>& blocks) {
   return most;
 }
 
-// Runs body(block, worker) for every block: on the intra-op threads, each taking the next block
-// from a shared counter (on the calling thread alone when `parallel` is false).
+// Runs body(block) for every block: on the intra-op threads (OpenMP: this file must be compiled with
+// -fopenmp, or at::parallel_for runs serially), each taking the next block from a shared counter;
+// on the calling thread alone when `parallel` is false. Inside the parallel region at::mm runs on
+// one thread.
 template <typename F>
 void run_blocks(const std::vector<Block>& blocks, bool parallel, F&& body) {
   std::atomic<int64_t> next{0};
   const int64_t n = static_cast<int64_t>(blocks.size());
+  const at::ThreadLocalState caller;  // grad and inference modes: OpenMP's workers do not inherit them
   auto drain = [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard same_modes(caller);
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t i = next++; i < n; i = next++) body(blocks[i]);
     }
