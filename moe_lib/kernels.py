@@ -353,9 +353,10 @@ def _strategy_key(counts_E: list[int], x_TH: torch.Tensor, d_expert: int, traini
     a power of two), rows per expert (rounded up to a half octave: 96 and 128 rows differ), H, I."""
     groups = max(1, len(counts_E))
     rows = max(1, math.ceil(sum(counts_E) / groups))
+    runner = "native" if x_TH.dtype == torch.float32 and native.ops() is not None else "python"
     return ("training" if training else "inference", str(x_TH.dtype).removeprefix("torch."),
             torch.get_num_threads(), 1 << (groups - 1).bit_length(), _half_octave(rows), x_TH.shape[1],
-            d_expert)
+            d_expert, runner)
 
 
 def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int, training: bool = False) -> str:
@@ -378,15 +379,16 @@ def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int, training: b
 
 
 def strategies() -> dict[str, str]:
-    """The measured strategies so far, as 'mode dtype threads=T E experts x R rows, H x I' -> strategy."""
-    return {f"{mode} {dtype} threads={threads} {groups} experts x {rows} rows, {h} x {i}": name
-            for (mode, dtype, threads, groups, rows, h, i), name in sorted(_STRATEGIES.items())}
+    """The measured strategies so far, as 'mode dtype threads=T E experts x R rows, H x I, tasks in
+    (native|python)' -> strategy."""
+    return {f"{mode} {dtype} threads={threads} {groups} experts x {rows} rows, {h} x {i}, tasks in {runner}":
+            name for (mode, dtype, threads, groups, rows, h, i, runner), name in sorted(_STRATEGIES.items())}
 
 
 def _time_strategies(key: tuple, dtype: torch.dtype) -> str:
     """The faster plan, forward (+ backward when training), on random operands of the shape class:
     best of 3 interleaved rounds after one untimed round each."""
-    mode, _, threads, groups, rows, d_model, d_expert = key
+    mode, _, threads, groups, rows, d_model, d_expert, _ = key
     if groups * rows * d_model * d_expert * (3 if mode == "training" else 1) > MEASURE_MAX_MACS:
         return "tasks"
     generator = torch.Generator().manual_seed(0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,8 +34,20 @@ def isa() -> str:
 
 
 def enabled() -> bool:
-    """Whether the native kernels may be used: MOE_LIB_NATIVE is not '0'."""
-    return os.environ.get("MOE_LIB_NATIVE", "1") != "0"
+    """Whether the native kernels may be used: MOE_LIB_NATIVE is not '0', and not inside `disabled()`."""
+    return os.environ.get("MOE_LIB_NATIVE", "1") != "0" and not _STATE.get("disabled", False)
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, every caller takes the Python path (as MOE_LIB_NATIVE=0 would; for
+    comparisons in one process, e.g. `python -m moe_lib.bench cpu`)."""
+    before = _STATE.get("disabled", False)
+    _STATE["disabled"] = True
+    try:
+        yield
+    finally:
+        _STATE["disabled"] = before
 
 
 def _build():

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import kernels
+from .. import kernels, native
 from ..accounting import moe_flops_per_token
 from ..balance import update_bias
 from ..config import MoEConfig
@@ -49,6 +49,7 @@ from . import cpu_info
 OURS = ("loop", "sorted", "grouped")
 TRANSFORMERS = ("eager", "grouped_mm", "batched_mm")
 DEFAULT_PATH = "moe_lib:" + MoEConfig().dispatch
+PYTHON_TASKS = DEFAULT_PATH + " (Python tasks)"
 MODES = ("forward", "forward_backward")
 TARGET_SPEEDUP = 1.3
 TARGET_PCT_OF_DENSE = 75.0  # forward+backward
@@ -85,7 +86,10 @@ def isa_in_effect() -> dict:
     onednn_kernel = next((ln.split(",")[5] for ln in lines if ",primitive,exec," in ln), None)
     mkl = next((ln.removeprefix("MKL_VERBOSE ") for ln in lines if ln.startswith("MKL_VERBOSE oneMKL")),
                None)
+    ops = native.ops()
     return {"env": {name: os.environ.get(name) for name in LEVELS["avx2"]},
+            "native_kernels": {"built": ops is not None, "compiled_for": native.isa(),
+                               "error": None if ops is not None else repr(native.build_error())},
             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "onednn_isa": onednn_isa, "onednn_kernel": onednn_kernel, "mkl": mkl}
 
@@ -106,6 +110,8 @@ def build_layers(cfg: MoEConfig, tokens: int, seed: int) -> tuple[dict[str, torc
         layer = DeepSeekMoE(cfg.replace(dispatch=dispatch))
         layer.load_state_dict(reference.state_dict())
         layers["moe_lib:" + dispatch] = layer.eval()
+    if native.ops() is not None:  # the default path as it was before the C++ kernels, for comparison
+        layers[PYTHON_TASKS] = PythonTasks(layers[DEFAULT_PATH])
     skipped = {}
     for impl in TRANSFORMERS:
         reason = _batched_mm_too_big(cfg, tokens) if impl == "batched_mm" else None
@@ -116,6 +122,19 @@ def build_layers(cfg: MoEConfig, tokens: int, seed: int) -> tuple[dict[str, torc
         hf.config._experts_implementation = impl
         layers["transformers:" + impl] = hf.eval()
     return layers, skipped
+
+
+class PythonTasks(torch.nn.Module):
+    """A layer run with `moe_lib.native` switched off: the same code path with the tasks issued from
+    Python, its routing and sort by torch's operators."""
+
+    def __init__(self, layer: DeepSeekMoE):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with native.disabled():
+            return self.layer(x)
 
 
 def _batched_mm_too_big(cfg: MoEConfig, tokens: int) -> str | None:
@@ -286,11 +305,11 @@ def format_table(run: dict, level: str) -> str:
              f"{run['load_average_before_after'][0]:.2f} -> {run['load_average_before_after'][1]:.2f}"]
     for mode in MODES:
         lines += ["", f"{mode.replace('_', '+')}:",
-                  f"{'implementation':26s} {'ms':>8s} {'tokens/s':>10s} {'GFLOP/s':>8s} "
+                  f"{'implementation':32s} {'ms':>8s} {'tokens/s':>10s} {'GFLOP/s':>8s} "
                   f"{'% dense':>8s} {'vs best HF':>10s}"]
         for name, r in run["results"].items():
             e = r[mode]
-            lines.append(f"{name:26s} {e['median_ms']:8.2f} {e['tokens_per_s']:10.0f} {e['gflops']:8.1f} "
+            lines.append(f"{name:32s} {e['median_ms']:8.2f} {e['tokens_per_s']:10.0f} {e['gflops']:8.1f} "
                          f"{e['pct_of_dense']:7.1f}% {e['speedup_vs_best_transformers']:9.2f}x")
     for name, reason in run["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
