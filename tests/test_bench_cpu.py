@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from moe_lib.bench import main
-from moe_lib.bench.cpu import DEFAULT_PATH, MODES, markdown
+from moe_lib import native
+from moe_lib.bench.cpu import DEFAULT_PATH, MODES, PYTHON_TASKS, markdown, target_lines
 
 
 def test_bench_cpu_tiny_shape_both_levels(tmp_path, capsys, monkeypatch):
@@ -27,6 +28,12 @@ def test_bench_cpu_tiny_shape_both_levels(tmp_path, capsys, monkeypatch):
     for mode in MODES:
         assert ours[mode]["tokens_per_s"] > 0 and ours[mode]["speedup_vs_best_transformers"] > 0
     assert "experts_strategies" in run
+    built = native.ops() is not None
+    assert level["isa"]["native_kernels"]["built"] == built
+    assert (PYTHON_TASKS in run["results"]) == built  # the default path without the C++ kernels
+    lines = target_lines(report)
+    assert len(lines) == 2 and lines[1].startswith("avx2, 64 tokens, H 32, I 16: forward ")
+    assert ("Python tasks" in lines[1]) == built
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     assert report["machine"]["flags"]["avx2"] == (" avx2" in cpuinfo)
     table = markdown(report)

@@ -426,6 +426,28 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def target_lines(report: dict) -> list[str]:
+    """One line per level and shape: the default path's speed-up over the best transformers
+    implementation in each mode and its share of dense forward+backward, each with its target's
+    verdict, and the same speed-ups with the tasks issued from Python where they were timed."""
+    lines = []
+    for level, data in report["levels"].items():
+        for run in data["runs"]:
+            c, t, ours = run["config"], run["target"], run["results"][run["target"]["path"]]
+            verdict = {key: "met" if ok else "missed" for key, ok in t["met"].items()}
+            line = (f"{level}, {run['tokens']} tokens, H {c['d_model']}, I {c['d_expert']}: "
+                    f"forward {ours['forward']['speedup_vs_best_transformers']:.2f}x ({verdict['forward']}), "
+                    f"forward+backward {ours['forward_backward']['speedup_vs_best_transformers']:.2f}x "
+                    f"({verdict['forward_backward']}), {ours['forward_backward']['pct_of_dense']:.0f}% of dense "
+                    f"({verdict['pct_of_dense_forward_backward']})")
+            python = run["results"].get(PYTHON_TASKS)
+            if python:
+                line += (f"; Python tasks {python['forward']['speedup_vs_best_transformers']:.2f}x / "
+                         f"{python['forward_backward']['speedup_vs_best_transformers']:.2f}x")
+            lines.append(line)
+    return lines
+
+
 def add_parser(commands) -> None:
     """Register `python -m moe_lib.bench cpu`."""
     cpu = commands.add_parser("cpu", help="the MoE layer on CPU against transformers' DeepseekV3MoE")
