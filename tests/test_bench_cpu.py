@@ -4,8 +4,8 @@ every implementation checked against `loop`, the JSON and the README tables."""
 import json
 from pathlib import Path
 
-from moe_lib.bench import main
 from moe_lib import native
+from moe_lib.bench import main
 from moe_lib.bench.cpu import DEFAULT_PATH, MODES, PYTHON_TASKS, markdown, target_lines
 
 

@@ -166,15 +166,19 @@ def test_bench_train_quick(tmp_path, capsys):
     from moe_lib.bench.train import CATEGORIES
 
     out = tmp_path / "train.json"
-    from moe_lib import kernels
+    from moe_lib import kernels, native
 
     bench_main(["train", "--quick", "--preset", "test", "--threads", "1", "--compare-plans", "1",
-                "--out", str(out)])
+                "--compare-native", "1", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["tokens_per_s"] > 0 and report["machine"]["threads"] == 1
     plans = report["compare_plans"]
     assert plans["steps"] == 1 and plans["measured_ms"] > 0 and plans["tasks_ms"] > 0
-    assert kernels.FORCE_STRATEGY is None and report["command"].endswith("--compare-plans 1")
+    assert kernels.FORCE_STRATEGY is None
+    assert report["command"].endswith("--compare-plans 1 --compare-native 1")
+    natives = report["compare_native"]
+    assert natives["steps"] == 1 and natives["native_ms"] > 0 and natives["python_ms"] > 0
+    assert native.enabled()  # switched back on after the comparison
     assert set(report["share_pct"]) == set(CATEGORIES)
     assert sum(report["share_pct"].values()) == pytest.approx(100.0)
     for part in ("attention", "routing", "dispatch", "experts", "optimizer", "head_and_loss"):

@@ -438,7 +438,8 @@ def target_lines(report: dict) -> list[str]:
             line = (f"{level}, {run['tokens']} tokens, H {c['d_model']}, I {c['d_expert']}: "
                     f"forward {ours['forward']['speedup_vs_best_transformers']:.2f}x ({verdict['forward']}), "
                     f"forward+backward {ours['forward_backward']['speedup_vs_best_transformers']:.2f}x "
-                    f"({verdict['forward_backward']}), {ours['forward_backward']['pct_of_dense']:.0f}% of dense "
+                    f"({verdict['forward_backward']}), "
+                    f"{ours['forward_backward']['pct_of_dense']:.0f}% of dense "
                     f"({verdict['pct_of_dense_forward_backward']})")
             python = run["results"].get(PYTHON_TASKS)
             if python:

@@ -30,7 +30,9 @@ are estimates; the profiled step time is reported next to the unprofiled one.
 
 Experts plan (`--compare-plans N`): N more steps of each, alternating in this process, with the
 CPU experts plan measured per shape class (`kernels.strategy`, the default) and forced to the
-tasks, so that a slower moment of the machine hits both alike.
+tasks, so that a slower moment of the machine hits both alike. C++ kernels
+(`--compare-native N`): the same with `moe_lib.native` on (the default) and off (the experts' tasks,
+top-k and sort issued from Python).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .. import dispatch, kernels
+from .. import dispatch, kernels, native
 from ..experts import Expert, RoutedExperts
 from ..model import Transformer
 from ..model.attention import MLA
@@ -197,6 +199,7 @@ def run_train_bench(args: argparse.Namespace) -> dict:
                 trainer.train_step()
         profiled_step_s = (time.perf_counter() - start) / args.profile_steps
     plans = compare_plans(trainer, args.compare_plans) if args.compare_plans else None
+    natives = compare_native(trainer, args.compare_native) if args.compare_native else None
     events = prof.events()
     thread = next(e.thread for e in events if e.name == STEP_SCOPE)
     totals = attribute(events, thread)
@@ -213,20 +216,47 @@ def run_train_bench(args: argparse.Namespace) -> dict:
               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
               "experts_strategy": {"forced": kernels.FORCE_STRATEGY, "measured": kernels.strategies(),
                                    "gemm_backends": kernels.gemm_choices()},
-              "compare_plans": plans,
+              "compare_plans": plans, "compare_native": natives,
               "command": ("MOE_LIB_EXPERTS=" + kernels.FORCE_STRATEGY + " " if kernels.FORCE_STRATEGY else "")
                          + "python -m moe_lib.bench train" + (" --quick" if args.quick else "")
                          + f" --preset {args.preset} --threads {args.threads}"
-                         + (f" --compare-plans {args.compare_plans}" if args.compare_plans else "")}
+                         + (f" --compare-plans {args.compare_plans}" if args.compare_plans else "")
+                         + (f" --compare-native {args.compare_native}" if args.compare_native else "")}
     print(format_table(report))
     if plans:
         print(f"experts plan, {plans['steps']} alternating steps each: measured (default) "
               f"{plans['measured_ms']:.0f} ms per step, tasks only {plans['tasks_ms']:.0f} ms "
               f"({plans['tasks_ms'] / plans['measured_ms']:.2f}x)")
+    if natives:
+        on, off = natives["native_ms"], natives["python_ms"]
+        print(f"C++ kernels, {natives['steps']} alternating steps each: on (default) {on:.0f} ms per step, "
+              f"off {off:.0f} ms ({off / on:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return report
+
+
+def compare_native(trainer: Trainer, steps: int) -> dict:
+    """Median step time with `moe_lib.native` on (the default) and off, alternating steps in this
+    process after one untimed step of each."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+
+    def step(on: bool) -> float:
+        with contextlib.nullcontext() if on else native.disabled():
+            start = time.perf_counter()
+            trainer.train_step()
+            return time.perf_counter() - start
+
+    for on in times:
+        step(on)
+    for i in range(steps):
+        for on in ([True, False] if i % 2 == 0 else [False, True]):
+            times[on].append(step(on))
+    return {"steps": steps, "native_built": native.ops() is not None,
+            "native_ms": 1e3 * statistics.median(times[True]),
+            "python_ms": 1e3 * statistics.median(times[False]),
+            "native_ms_all": [1e3 * t for t in times[True]], "python_ms_all": [1e3 * t for t in times[False]]}
 
 
 def compare_plans(trainer: Trainer, steps: int) -> dict:
@@ -283,5 +313,7 @@ def add_parser(commands) -> None:
     bench.add_argument("--compare-plans", type=int, default=0, metavar="N",
                        help="N alternating steps each with the experts plan measured and forced to "
                             "the tasks (default 0: off)")
+    bench.add_argument("--compare-native", type=int, default=0, metavar="N",
+                       help="N alternating steps each with the C++ kernels on and off (default 0: off)")
     bench.add_argument("--out", default="benchmarks/train.json", help="JSON output path")
     bench.set_defaults(run=run_train_bench)
