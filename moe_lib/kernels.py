@@ -465,17 +465,17 @@ class ExpertSwiGLU(torch.autograd.Function):
     def forward(ctx, x_TH, weight_N, gate_up_EFH, down_EHI, plan: RowPlan):
         d_expert, n_rows = down_EHI.shape[-1], plan.n_rows
         ctx.plan = plan
-        ops = _native_ops(x_TH, plan)
-        if ops is not None:  # the same tasks, run from C++ (moe_lib.native)
-            ctx.native = True
-            save = any(ctx.needs_input_grad[:4])
-            out_NH, gate_up_NF = ops.swiglu_forward(
+        # the same tasks run from C++ (moe_lib.native); kept for the backward, which runs the same
+        # kernels even if they are switched off in between
+        ctx.ops = _native_ops(x_TH, plan)
+        if ctx.ops is not None:
+            ctx.blocks = _block_table(plan)
+            out_NH, gate_up_NF = ctx.ops.swiglu_forward(
                 x_TH.contiguous(), plan.token_N, None if weight_N is None else weight_N.contiguous(),
-                gate_up_EFH.contiguous(), down_EHI.contiguous(), _block_table(plan), n_rows,
-                plan.position_TK is not None, save, not plan.inline)
+                gate_up_EFH.contiguous(), down_EHI.contiguous(), ctx.blocks, n_rows,
+                plan.position_TK is not None, any(ctx.needs_input_grad[:4]), not plan.inline)
             ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF)
             return _combine(out_NH, plan)
-        ctx.native = False
         gate_up_NF = x_TH.new_empty(n_rows, 2 * d_expert)
         out_NH = _row_buffer(x_TH, plan)
 
@@ -495,13 +495,12 @@ class ExpertSwiGLU(torch.autograd.Function):
         plan: RowPlan = ctx.plan
         grad_TH = grad_TH.contiguous()  # the gradient of a sum arrives expanded; grouped_mm needs strides
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
-        if ctx.native:
-            grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI = native.ops().swiglu_backward(
+        if ctx.ops is not None:  # unrequested gradients come back empty
+            grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI = ctx.ops.swiglu_backward(
                 grad_TH, x_TH.contiguous(), plan.token_N,
                 None if weight_N is None else weight_N.contiguous(), gate_up_EFH.contiguous(),
-                down_EHI.contiguous(), gate_up_NF, _block_table(plan), plan.n_rows, plan.n_slots,
-                plan.position_TK is not None, need_x, need_w and weight_N is not None, need_gate_up,
-                need_down, not plan.inline)
+                down_EHI.contiguous(), gate_up_NF, ctx.blocks, plan.n_rows, plan.n_slots,
+                plan.position_TK is not None, need_x, need_w, need_gate_up, need_down, not plan.inline)
             return _finish_backward(plan, grad_x_NH if need_x else None, grad_w_N if need_w else None,
                                     grad_gate_up_SFH if need_gate_up else None,
                                     grad_down_SHI if need_down else None)
@@ -557,12 +556,9 @@ def _finish_backward(plan: RowPlan, grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_
 
 
 def _native_ops(x_TH: torch.Tensor, plan: RowPlan):
-    """moe_lib.native's operators where they run this call: float32 on the CPU, whole-expert tasks
-    (not the grouped plan), outside dispatch modes (FlopCounterMode, fake tensors), and built."""
-    if (x_TH.device.type != "cpu" or x_TH.dtype != torch.float32 or any(b.expert is None for b in plan.blocks)
-            or is_in_torch_dispatch_mode()):
-        return None
-    return native.ops()
+    """moe_lib.native's operators where they run this call (`native.ops_for`) and the plan is
+    whole-expert tasks (not the grouped plan)."""
+    return None if any(b.expert is None for b in plan.blocks) else native.ops_for(x_TH)
 
 
 def _block_table(plan: RowPlan) -> torch.Tensor:
@@ -574,9 +570,9 @@ def _block_table(plan: RowPlan) -> torch.Tensor:
 def _activation(gate_up_nF: torch.Tensor, weight_n: torch.Tensor | None) -> torch.Tensor:
     """h = w * silu(gate) * up from the [n, 2I] gate/up product: by the C++ kernel where it runs (so
     that the grouped plan's outputs equal the C++ tasks' bitwise), else by torch's ops."""
-    if (gate_up_nF.device.type == "cpu" and gate_up_nF.dtype == torch.float32 and gate_up_nF.is_contiguous()
-            and not is_in_torch_dispatch_mode() and native.ops() is not None):
-        return native.ops().swiglu_act(gate_up_nF, None if weight_n is None else weight_n.contiguous())
+    ops = native.ops_for(gate_up_nF) if gate_up_nF.is_contiguous() else None
+    if ops is not None:
+        return ops.swiglu_act(gate_up_nF, None if weight_n is None else weight_n.contiguous())
     d_expert = gate_up_nF.shape[-1] // 2
     h_nI = F.silu(gate_up_nF[:, :d_expert]).mul_(gate_up_nF[:, d_expert:])
     return h_nI if weight_n is None else h_nI.mul_(weight_n[:, None])

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 SOURCE = Path(__file__).with_name("csrc") / "experts_cpu.cpp"
 _LOCK = threading.Lock()
@@ -84,8 +85,6 @@ def ops_for(*tensors: torch.Tensor, dtype: torch.dtype | None = torch.float32):
     """`ops()` where the native kernels may take these tensors: all on the CPU (the first of dtype
     `dtype` unless None), outside dispatch modes (FlopCounterMode, fake tensors, torch.compile's
     tracing); else None."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
     if any(t.device.type != "cpu" for t in tensors) or (dtype is not None and tensors[0].dtype != dtype):
         return None
     if is_in_torch_dispatch_mode() or torch.compiler.is_compiling():

@@ -37,6 +37,27 @@ def test_switched_off_by_the_environment(monkeypatch, ops):
     monkeypatch.setenv("MOE_LIB_NATIVE", "1")
     assert native.ops_for(torch.randn(2, 2)) is ops
     assert native.ops_for(torch.randn(2, 2, dtype=torch.float64)) is None  # the Python path takes it
+    with native.disabled():
+        assert native.ops() is None and not native.enabled()
+    assert native.ops() is ops
+
+
+def test_backward_runs_the_kernels_of_its_forward(ops):
+    """Switched off between forward and backward (as `bench train --compare-native` alternates): the
+    backward still runs the kernels its forward saved for, and matches the Python path."""
+    x, gate_up, down, pairs = routed(n_experts=4, top_k=2)
+    counts = pairs.counts_E.tolist()
+    grads = []
+    for forward_native in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, pairs.weight_N, gate_up, down)]
+        plan = kernels.task_plan(counts, pairs.token_N, pairs.position_TK, 1, True)
+        with native.disabled() if not forward_native else torch.enable_grad():
+            y = ExpertSwiGLU.apply(leaves[0], leaves[1], leaves[2], leaves[3], plan)
+        with native.disabled():
+            y.sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("k", [1, 6, 64])
@@ -112,9 +133,11 @@ def test_native_experts_match_float64_forward_and_backward(ops, monkeypatch, thr
         torch.set_num_threads(before)
 
 
-def test_native_experts_without_routing_and_inputs_that_need_no_gradient(ops):
+def test_native_experts_without_routing_and_inputs_that_need_no_gradient(ops, monkeypatch):
+    monkeypatch.setattr(kernels, "FORCE_STRATEGY", "tasks")  # the plan the C++ kernels run
     x = torch.randn(300, 32, requires_grad=True)
     gate_up, down = torch.randn(1, 40, 32) / 6, torch.randn(1, 32, 20) / 4
+    assert kernels._native_ops(x, kernels.plan_rows([300], None, None, x, 20, True)) is ops
     y = kernels.expert_swiglu(x, gate_up, down, [300])
     gate, up = (x @ gate_up[0].t()).chunk(2, dim=-1)
     torch.testing.assert_close(y, (F.silu(gate) * up) @ down[0].t(), rtol=1e-5, atol=1e-5)

@@ -105,6 +105,12 @@ at::Tensor rows_of(const at::Tensor& src, const int64_t* token, int64_t start, i
   return buffer.narrow(0, 0, n);
 }
 
+// t as a per-thread scratch buffer of at least [rows, cols] (rows are taken with narrow), reallocated
+// only when it is missing or too small
+void ensure_scratch(at::Tensor& t, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  if (!t.defined() || t.size(0) < rows || t.size(1) != cols) t = at::empty({rows, cols}, opts);
+}
+
 struct Block {
   int64_t expert, start, stop, slot;
 };
@@ -189,11 +195,9 @@ std::tuple<at::Tensor, at::Tensor> swiglu_forward(const at::Tensor& x, const std
   run_blocks(blocks, parallel, [&](const Block& b) {
     thread_local at::Tensor xs, gu_buf, h;
     const int64_t n = b.stop - b.start;
-    if (!xs.defined() || xs.size(0) < most || xs.size(1) != H) xs = at::empty({most, H}, x.options());
-    if (!h.defined() || h.size(0) < most || h.size(1) != I) h = at::empty({most, I}, x.options());
-    if (!save && (!gu_buf.defined() || gu_buf.size(0) < most || gu_buf.size(1) != 2 * I)) {
-      gu_buf = at::empty({most, 2 * I}, x.options());
-    }
+    if (tok) ensure_scratch(xs, most, H, x.options());
+    if (!save) ensure_scratch(gu_buf, most, 2 * I, x.options());
+    ensure_scratch(h, most, I, x.options());
     at::Tensor xr = rows_of(x, tok, b.start, n, xs);
     at::Tensor gu = save ? gu_all.narrow(0, b.start, n) : gu_buf.narrow(0, 0, n);
     at::mm_out(gu, xr, gate_up[b.expert].t());
@@ -231,14 +235,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
   run_blocks(blocks, parallel, [&](const Block& b) {
     thread_local at::Tensor dys, xs, dh, dgu, wa;
     const int64_t n = b.stop - b.start;
-    auto ensure = [&](at::Tensor& t, int64_t cols) {
-      if (!t.defined() || t.size(0) < most || t.size(1) != cols) t = at::empty({most, cols}, opts);
-    };
-    ensure(dys, H);
-    ensure(xs, H);
-    ensure(dh, I);
-    ensure(dgu, 2 * I);
-    ensure(wa, I);
+    if (tok) ensure_scratch(dys, most, H, opts);
+    if (tok && need_gate_up) ensure_scratch(xs, most, H, opts);
+    ensure_scratch(dh, most, I, opts);
+    ensure_scratch(dgu, most, 2 * I, opts);
+    ensure_scratch(wa, most, I, opts);
     at::Tensor dy = rows_of(grad, tok, b.start, n, dys);
     at::Tensor dhr = dh.narrow(0, 0, n), dgur = dgu.narrow(0, 0, n), war = wa.narrow(0, 0, n);
     at::mm_out(dhr, dy, down[b.expert]);
