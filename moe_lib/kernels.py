@@ -408,7 +408,7 @@ def _time_strategies(key: tuple, dtype: torch.dtype) -> str:
                 torch.autograd.grad(y.sum(), leaves)
             else:
                 with torch.no_grad():
-                    ExpertSwiGLU.apply(leaves[0], None, leaves[1], leaves[2], plan)
+                    ExpertSwiGLU.apply(leaves[0], None, leaves[1], leaves[2], plan, False)
             return time.perf_counter() - start
 
         for plan in plans.values():  # untimed: first-use work (GEMM backends, allocations)
@@ -462,9 +462,13 @@ class ExpertSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TH, weight_N, gate_up_EFH, down_EHI, plan: RowPlan):
+    def forward(ctx, x_TH, weight_N, gate_up_EFH, down_EHI, plan: RowPlan, training: bool | None = None):
         d_expert, n_rows = down_EHI.shape[-1], plan.n_rows
         ctx.plan = plan
+        # whether a backward may follow (the caller's grad mode: inside forward it is always off,
+        # and needs_input_grad ignores it); without one the C++ tasks keep no [N, 2I] product and
+        # reuse a per-thread buffer that stays in cache
+        ctx.training = any(ctx.needs_input_grad[:4]) if training is None else training
         # the same tasks run from C++ (moe_lib.native); kept for the backward, which runs the same
         # kernels even if they are switched off in between
         ctx.ops = _native_ops(x_TH, plan)
@@ -473,7 +477,7 @@ class ExpertSwiGLU(torch.autograd.Function):
             out_NH, gate_up_NF = ctx.ops.swiglu_forward(
                 x_TH.contiguous(), plan.token_N, None if weight_N is None else weight_N.contiguous(),
                 gate_up_EFH.contiguous(), down_EHI.contiguous(), ctx.blocks, n_rows,
-                plan.position_TK is not None, any(ctx.needs_input_grad[:4]), not plan.inline)
+                plan.position_TK is not None, ctx.training, not plan.inline)
             ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF)
             return _combine(out_NH, plan)
         gate_up_NF = x_TH.new_empty(n_rows, 2 * d_expert)
@@ -552,7 +556,7 @@ def _finish_backward(plan: RowPlan, grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_
                 grad_SOK[e].zero_()
     return (None if grad_x_NH is None else _combine(grad_x_NH, plan), grad_w_N,
             None if grad_gate_up_SFH is None else grad_gate_up_SFH[:n_experts],
-            None if grad_down_SHI is None else grad_down_SHI[:n_experts], None)
+            None if grad_down_SHI is None else grad_down_SHI[:n_experts], None, None)
 
 
 def _native_ops(x_TH: torch.Tensor, plan: RowPlan):
@@ -604,4 +608,4 @@ def expert_swiglu(x_TH: torch.Tensor, gate_up_EFH: torch.Tensor, down_EHI: torch
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_TH, weight_N, gate_up_EFH, down_EHI))
     plan = plan_rows(counts_E, token_N, position_TK, x_TH, down_EHI.shape[-1], training)
-    return ExpertSwiGLU.apply(x_TH, weight_N, gate_up_EFH, down_EHI, plan)
+    return ExpertSwiGLU.apply(x_TH, weight_N, gate_up_EFH, down_EHI, plan, training)

@@ -48,17 +48,32 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
+// e[i] = exp(-g[i]) for i < m. A loop of its own, its results stored: when the clamp in exp_approx
+// and the division by 1 + e sit in one loop, the compiler specializes the clamped lanes into a
+// division by the constant 1 + exp(88), which yields subnormal results for ordinary inputs in every
+// lane (then discarded by a blend); on Intel cores each subnormal result costs a microcode assist,
+// and the fused loop ran 10x slower (24 ms instead of 2.3 ms for 3.1M elements on a Xeon with
+// AVX-512). Stored first, the results are bitwise the same.
+constexpr int64_t kChunk = 256;
+
+inline void exp_neg(const float* g, float* e, int64_t m) {
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) e[i] = exp_approx(-g[i]);
+}
+
 // h[r, i] = w[r] * silu(g[r, i]) * u[r, i], g and u the two halves of a row of gu [n, 2I]
 void act_forward(const float* gu, float* h, const float* w, int64_t n, int64_t I) {
+  alignas(64) float e[kChunk];
   for (int64_t r = 0; r < n; ++r) {
-    const float* g = gu + r * 2 * I;
-    const float* u = g + I;
-    float* hr = h + r * I;
     const float wr = w ? w[r] : 1.0f;
+    for (int64_t c = 0; c < I; c += kChunk) {
+      const int64_t m = std::min(kChunk, I - c);
+      const float* g = gu + r * 2 * I + c;
+      const float* u = g + I;
+      float* hr = h + r * I + c;
+      exp_neg(g, e, m);
 #pragma omp simd
-    for (int64_t i = 0; i < I; ++i) {
-      const float gi = g[i];
-      hr[i] = gi / (1.0f + exp_approx(-gi)) * u[i] * wr;
+      for (int64_t i = 0; i < m; ++i) hr[i] = g[i] / (1.0f + e[i]) * u[i] * wr;
     }
   }
 }
@@ -67,26 +82,31 @@ void act_forward(const float* gu, float* h, const float* w, int64_t n, int64_t I
 // dw[r] = <dh_r, a_r> (when dw is given).
 void act_backward(const float* gu, const float* dh, const float* w, float* dgu, float* wa, float* dw,
                   int64_t n, int64_t I) {
+  alignas(64) float e[kChunk];
   for (int64_t r = 0; r < n; ++r) {
-    const float* g = gu + r * 2 * I;
-    const float* u = g + I;
-    const float* dhr = dh + r * I;
-    float* dg = dgu + r * 2 * I;
-    float* du = dg + I;
-    float* war = wa + r * I;
     const float wr = w ? w[r] : 1.0f;
     float dot = 0.0f;
+    for (int64_t c = 0; c < I; c += kChunk) {
+      const int64_t m = std::min(kChunk, I - c);
+      const float* g = gu + r * 2 * I + c;
+      const float* u = g + I;
+      const float* dhr = dh + r * I + c;
+      float* dg = dgu + r * 2 * I + c;
+      float* du = dg + I;
+      float* war = wa + r * I + c;
+      exp_neg(g, e, m);
 #pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < I; ++i) {
-      const float gi = g[i], ui = u[i];
-      const float s = 1.0f / (1.0f + exp_approx(-gi));
-      const float silu = gi * s;
-      const float a = silu * ui;
-      dot += dhr[i] * a;
-      war[i] = a * wr;
-      const float dhw = dhr[i] * wr;
-      du[i] = dhw * silu;
-      dg[i] = dhw * ui * (s * (1.0f + gi * (1.0f - s)));
+      for (int64_t i = 0; i < m; ++i) {
+        const float gi = g[i], ui = u[i];
+        const float s = 1.0f / (1.0f + e[i]);
+        const float silu = gi * s;
+        const float a = silu * ui;
+        dot += dhr[i] * a;
+        war[i] = a * wr;
+        const float dhw = dhr[i] * wr;
+        du[i] = dhw * silu;
+        dg[i] = dhw * ui * (s * (1.0f + gi * (1.0f - s)));
+      }
     }
     if (dw) dw[r] = dot;
   }
