@@ -155,3 +155,32 @@ def test_native_checks_its_inputs(ops):
     with pytest.raises(RuntimeError, match="blocks must be"):
         ops.swiglu_forward(x, None, None, torch.randn(1, 8, 8), torch.randn(1, 8, 4), blocks[0], 4, False,
                            False, False)
+
+
+def test_inference_forward_equals_the_training_forward(ops, monkeypatch):
+    """Under no_grad the C++ tasks keep no [N, 2I] gate/up product (a per-thread buffer instead):
+    the same output, bitwise."""
+    monkeypatch.setattr(kernels, "FORCE_STRATEGY", "tasks")  # the plan the C++ kernels run
+    x, gate_up, down, pairs = routed()
+    gate_up.requires_grad_()
+    args = (x, gate_up, down, pairs.counts_E.tolist(), pairs.weight_N, pairs.token_N, pairs.position_TK)
+    trained = kernels.expert_swiglu(*args)
+    assert trained.requires_grad
+    with torch.no_grad():
+        inferred = kernels.expert_swiglu(*args)
+    assert torch.equal(trained.detach(), inferred)
+
+
+def test_wide_experts_match_float64(ops):
+    """d_expert 300: the activation passes run in chunks of 256 columns (forward and backward)."""
+    x, gate_up, down, pairs = routed(n_tokens=200, n_experts=3, top_k=2, d_model=32, d_expert=300)
+    counts = pairs.counts_E.tolist()
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, pairs.weight_N, gate_up, down)]
+        plan = kernels.task_plan(counts, pairs.token_N, pairs.position_TK, 1, True)
+        y = ExpertSwiGLU.apply(leaves[0], leaves[1], leaves[2], leaves[3], plan)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
