@@ -14,7 +14,10 @@ Three measured facts about CPUs with few cores (`python -m moe_lib.bench cpu`) s
 3. Each task also pays a fixed cost (a dozen small ops issued from Python), so on small experts
    (few rows, or narrow ones like the tiny model's) one call of torch's grouped GEMM per product,
    split over the intra-op threads, wins instead. `strategy` times both plans once per shape class
-   (`strategies()` lists the choices); their forward outputs are bitwise equal.
+   (`strategies()` lists the choices); their forward outputs are bitwise equal wherever the GEMM
+   library rounds a product the same on one thread and on several (MKL and oneDNN as they run
+   natively on the project's CPUs; not MKL capped at AVX2 on an AVX-512 Xeon, where products of a
+   few dozen to a few hundred rows round differently on one thread and on two).
 
 `grouped_mm` (torch's grouped GEMM) also serves the other devices, where one kernel per projection
 is the fast way.
@@ -337,7 +340,7 @@ _STRATEGIES_LOCK = threading.Lock()
 FORCE_STRATEGY: str | None = os.environ.get("MOE_LIB_EXPERTS") or None
 # how much faster grouped must be to be chosen: in training by a wide margin, so that noise does
 # not flip a close call from run to run (the two plans' weight gradients differ in rounding); in
-# inference the outputs are bitwise equal either way
+# inference the outputs are bitwise equal either way (where the GEMM library is; see the docstring)
 STRATEGY_MARGIN = {"training": 1.15, "inference": 1.05}
 MEASURE_MAX_MACS = 1 << 31  # larger shape classes are not timed: the tasks, measured faster there
 
@@ -366,7 +369,8 @@ def strategy(counts_E: list[int], x_TH: torch.Tensor, d_expert: int, training: b
     Which is faster depends on the machine and on the work per expert, as for the GEMM backends:
     tasks (one expert per core) win on large experts; torch's grouped GEMM, split over the intra-op
     threads, wins on small ones, where a task's fixed cost (a dozen small ops in Python) dominates.
-    The forward outputs of both are bitwise equal (the same GEMMs); weight gradients may differ in
+    The forward outputs of both are bitwise equal (the same GEMMs, where the GEMM library gives the
+    same bits on one thread and on several: see the module's docstring); weight gradients may differ in
     rounding (split experts' partial sums, and how the intra-op threads split the row reduction).
     """
     if FORCE_STRATEGY is not None:

@@ -3,6 +3,7 @@ SwiGLU experts over sorted rows against a row-by-row reference (forward, backwar
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -315,6 +316,12 @@ def test_strategy_is_measured_once_per_shape_class_invisibly(two_threads, monkey
         plan_rows(counts, pairs.token_N, pairs.position_TK, x, 48)
 
 
+# Capping MKL's instruction set below the CPU's (as `bench cpu`'s avx2 level does) breaks the bitwise
+# agreement: on an AVX-512 Xeon with MKL_ENABLE_INSTRUCTIONS=AVX2, torch.mm of 75 or 150 rows gives
+# other bits on one thread than on two. Natively (the project's AMD EPYC and Intel Xeon) it holds.
+MKL_CAPPED = bool(os.environ.get("MKL_ENABLE_INSTRUCTIONS"))
+
+
 @pytest.mark.parametrize("routed", [True, False])
 def test_both_strategies_agree_forward_bitwise_and_backward_closely(two_threads, routed):
     """Tasks and one grouped block: the same forward bits, gradients within rounding, also for the
@@ -333,6 +340,9 @@ def test_both_strategies_agree_forward_bitwise_and_backward_closely(two_threads,
         y = ExpertSwiGLU.apply(leaves[0], weight, leaves[1], leaves[2], plan)
         y.sum().backward()
         results.append([y.detach(), *(t.grad for t in leaves), *([] if weight is None else [weight.grad])])
-    assert torch.equal(results[0][0], results[1][0])
+    if not MKL_CAPPED:
+        assert torch.equal(results[0][0], results[1][0])
+    else:  # MKL itself rounds differently on 1 and 2 threads there
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
     for tasks, grouped in zip(results[0][1:], results[1][1:], strict=True):  # float32 sums of ~100 rows
         torch.testing.assert_close(grouped, tasks, rtol=1e-5, atol=1e-6 * tasks.abs().max().item())
