@@ -184,3 +184,30 @@ def test_wide_experts_match_float64(ops):
         results.append([y.detach(), *(t.grad for t in leaves)])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_direct_blas_calls_give_the_bits_of_at_mm(ops, threads):
+    """The kernels call BLAS's sgemm directly with the arguments at::mm_out would pass: every output and
+    gradient equals, bitwise, the same kernels running their GEMMs through at::mm_out (blocks of one
+    row and experts without rows included)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_tokens in (700, 40):
+            x, gate_up, down, pairs = routed(n_tokens=n_tokens, n_experts=24, top_k=3)
+            plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, threads)
+            results = []
+            for direct in (True, False):
+                previous = ops.direct_blas(direct)
+                try:
+                    leaves = [t.detach().clone().requires_grad_() for t in (x, pairs.weight_N, gate_up, down)]
+                    y = ExpertSwiGLU.apply(leaves[0], leaves[1], leaves[2], leaves[3], plan)
+                    y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+                    results.append([y.detach(), *(t.grad for t in leaves)])
+                finally:
+                    ops.direct_blas(previous)
+            for got, want in zip(*results, strict=True):
+                assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)

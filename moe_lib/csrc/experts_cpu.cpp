@@ -4,8 +4,9 @@
 // expert and runs the tasks on Python worker threads; this file runs the same tasks from C++:
 // `at::parallel_for` starts one worker per intra-op thread, each takes the next block from a shared
 // counter (largest first, as the Python plan orders them) and runs its expert's whole chain with
-// single-threaded GEMMs (at::mm inside a parallel region), gathers rows with memcpy, and computes
-// the activation in one fused pass. Same math and same blocks as the Python tasks:
+// single-threaded GEMMs (BLAS's sgemm called inside a parallel region, with the arguments at::mm
+// would pass: `gemm`), gathers rows with memcpy, and computes the activation between the GEMMs.
+// Same math and same blocks as the Python tasks:
 //
 //   forward, row n of expert e:  [g, u] = x_n gate_up_e^T;  h = w_n silu(g) u;  out_n = h down_e^T
 //   backward, with a = silu(g) u, s = sigmoid(g), dh = dy_n down_e:
@@ -15,6 +16,7 @@
 // exp is evaluated by `exp_approx` (range reduction to [-ln2/2, ln2/2] and a degree-7 Taylor
 // polynomial, relative error about 1e-7), written so that the compiler vectorizes the loops.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
@@ -24,11 +26,85 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+// The BLAS sgemm that torch's CPU build links (MKL in the x86 wheels), where the symbol is there.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
 namespace {
+
+std::atomic<bool> direct_blas_on{true};
+
+// A float32 matrix in memory: element (i, j) at p[i * rs + j * cs].
+struct Mat {
+  const float* p;
+  int64_t rs, cs;
+};
+
+// c [m, n], row-major with row stride ldc, = a [m, k] @ b [k, n]. It makes the BLAS call that
+// at::mm_out makes for these operands (torch's addmm for a row-major result: c^T = b^T a^T in
+// BLAS's column-major terms, each operand transposed or not by its strides, the leading dimensions
+// of size-1 dimensions normalized as torch's cpublas does), so the result has the same bits, without
+// ATen's dispatch, checks and tensor views on each of the thousands of small GEMMs of a forward and
+// backward. Falls back to at::mm_out where there is no sgemm_ symbol, where float32 matmuls may run
+// in reduced precision (then ATen may not call sgemm_), or for strides BLAS cannot take.
+void gemm(float* c, int64_t ldc, int64_t m, int64_t n, int64_t k, Mat a, Mat b) {
+  if (m == 0 || n == 0) return;
+  char ta = 0, tb = 0;
+  int64_t lda = 0, ldb = 0, ldc_ = ldc;
+  const bool direct = sgemm_ != nullptr && direct_blas_on.load(std::memory_order_relaxed) && k > 0 &&
+                      at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
+  if (direct) {
+    if (b.cs == 1 && b.rs >= std::max<int64_t>(1, n)) {  // BLAS's first operand: b
+      ta = 'n';
+      lda = b.rs;
+    } else if (b.rs == 1 && b.cs >= std::max<int64_t>(1, k)) {
+      ta = 't';
+      lda = b.cs;
+    }
+    if (a.cs == 1 && a.rs >= std::max<int64_t>(1, k)) {  // the second: a
+      tb = 'n';
+      ldb = a.rs;
+    } else if (a.rs == 1 && a.cs >= std::max<int64_t>(1, m)) {
+      tb = 't';
+      ldb = a.cs;
+    }
+  }
+  const int64_t M = n, N = m, K = k;  // of c^T [n, m]
+  if (ta && tb) {
+    if (N == 1) ldc_ = M;
+    if (ta != 'n') {
+      if (M == 1) lda = K;
+    } else if (K == 1) {
+      lda = M;
+    }
+    if (tb != 'n') {
+      if (K == 1) ldb = N;
+    } else if (N == 1) {
+      ldb = K;
+    }
+  }
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  const bool fits = ta && tb && M <= kMax && N <= kMax && K <= kMax && lda <= kMax && ldb <= kMax &&
+                    ldc_ <= kMax && lda >= std::max<int64_t>(1, ta == 'n' ? M : K) &&
+                    ldb >= std::max<int64_t>(1, tb == 'n' ? K : N) && ldc_ >= std::max<int64_t>(1, M);
+  if (!fits) {
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+    at::mm_out(out, at::from_blob(const_cast<float*>(a.p), {m, k}, {a.rs, a.cs}, opts),
+               at::from_blob(const_cast<float*>(b.p), {k, n}, {b.rs, b.cs}, opts));
+    return;
+  }
+  const int m_ = static_cast<int>(M), n_ = static_cast<int>(N), k_ = static_cast<int>(K);
+  const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc32 = static_cast<int>(ldc_);
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_(&ta, &tb, &m_, &n_, &k_, &one, b.p, &lda_, a.p, &ldb_, &zero, c, &ldc32);
+}
 
 inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
@@ -112,17 +188,17 @@ void act_backward(const float* gu, const float* dh, const float* w, float* dgu, 
   }
 }
 
-// rows [start, start + n) of src [*, H], or the rows token[start:start+n] of it, as a [n, H] tensor
-at::Tensor rows_of(const at::Tensor& src, const int64_t* token, int64_t start, int64_t n,
-                   at::Tensor& buffer) {
-  if (!token) return src.narrow(0, start, n);
+// rows [start, start + n) of src [*, H], or the rows token[start:start+n] of it copied into buffer:
+// a pointer to n rows of row stride H
+const float* rows_of(const at::Tensor& src, const int64_t* token, int64_t start, int64_t n, at::Tensor& buffer) {
   const int64_t H = src.size(1);
   const float* from = src.data_ptr<float>();
+  if (!token) return from + start * H;
   float* to = buffer.data_ptr<float>();
   for (int64_t r = 0; r < n; ++r) {
     std::memcpy(to + r * H, from + token[start + r] * H, H * sizeof(float));
   }
-  return buffer.narrow(0, 0, n);
+  return to;
 }
 
 // t as a per-thread scratch buffer of at least [rows, cols] (rows are taken with narrow), reallocated
@@ -210,6 +286,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_forward(const at::Tensor& x, const std
   at::Tensor gu_all = save ? at::empty({n_rows, 2 * I}, x.options()) : at::Tensor();
   const int64_t* tok = token ? token->data_ptr<int64_t>() : nullptr;
   const float* w = weight ? weight->data_ptr<float>() : nullptr;
+  const float* gate_up_w = gate_up.data_ptr<float>();
+  const float* down_w = down.data_ptr<float>();
   at::NoGradGuard no_grad;
   // per-thread scratch: gathered rows, the gate/up product when it is not saved, the activation
   run_blocks(blocks, parallel, [&](const Block& b) {
@@ -218,13 +296,12 @@ std::tuple<at::Tensor, at::Tensor> swiglu_forward(const at::Tensor& x, const std
     if (tok) ensure_scratch(xs, most, H, x.options());
     if (!save) ensure_scratch(gu_buf, most, 2 * I, x.options());
     ensure_scratch(h, most, I, x.options());
-    at::Tensor xr = rows_of(x, tok, b.start, n, xs);
-    at::Tensor gu = save ? gu_all.narrow(0, b.start, n) : gu_buf.narrow(0, 0, n);
-    at::mm_out(gu, xr, gate_up[b.expert].t());
-    at::Tensor hr = h.narrow(0, 0, n);
-    act_forward(gu.data_ptr<float>(), hr.data_ptr<float>(), w ? w + b.start : nullptr, n, I);
-    at::Tensor o = out.narrow(0, b.start, n);
-    at::mm_out(o, hr, down[b.expert].t());
+    const float* xr = rows_of(x, tok, b.start, n, xs);
+    float* gu = save ? gu_all.data_ptr<float>() + b.start * 2 * I : gu_buf.data_ptr<float>();
+    float* hr = h.data_ptr<float>();
+    gemm(gu, 2 * I, n, 2 * I, H, {xr, H, 1}, {gate_up_w + b.expert * 2 * I * H, 1, H});
+    act_forward(gu, hr, w ? w + b.start : nullptr, n, I);
+    gemm(out.data_ptr<float>() + b.start * H, H, n, H, I, {hr, I, 1}, {down_w + b.expert * H * I, 1, I});
   });
   return {out, save ? gu_all : at::empty({0}, x.options())};
 }
@@ -251,6 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
   at::Tensor grad_down = need_down ? at::empty({n_slots, H, I}, opts) : at::empty({0}, opts);
   const int64_t* tok = token ? token->data_ptr<int64_t>() : nullptr;
   const float* w = weight ? weight->data_ptr<float>() : nullptr;
+  const float* gate_up_w = gate_up.data_ptr<float>();
+  const float* down_w = down.data_ptr<float>();
   at::NoGradGuard no_grad;
   run_blocks(blocks, parallel, [&](const Block& b) {
     thread_local at::Tensor dys, xs, dh, dgu, wa;
@@ -260,24 +339,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
     ensure_scratch(dh, most, I, opts);
     ensure_scratch(dgu, most, 2 * I, opts);
     ensure_scratch(wa, most, I, opts);
-    at::Tensor dy = rows_of(grad, tok, b.start, n, dys);
-    at::Tensor dhr = dh.narrow(0, 0, n), dgur = dgu.narrow(0, 0, n), war = wa.narrow(0, 0, n);
-    at::mm_out(dhr, dy, down[b.expert]);
-    act_backward(gu_all.data_ptr<float>() + b.start * 2 * I, dhr.data_ptr<float>(), w ? w + b.start : nullptr,
-                 dgur.data_ptr<float>(), war.data_ptr<float>(),
+    const float* dy = rows_of(grad, tok, b.start, n, dys);
+    float *dhr = dh.data_ptr<float>(), *dgur = dgu.data_ptr<float>(), *war = wa.data_ptr<float>();
+    const float* gate_up_e = gate_up_w + b.expert * 2 * I * H;
+    const float* down_e = down_w + b.expert * H * I;
+    gemm(dhr, I, n, I, H, {dy, H, 1}, {down_e, I, 1});
+    act_backward(gu_all.data_ptr<float>() + b.start * 2 * I, dhr, w ? w + b.start : nullptr, dgur, war,
                  need_w ? grad_w.data_ptr<float>() + b.start : nullptr, n, I);
-    if (need_down) {
-      at::Tensor slot = grad_down[b.slot];
-      at::mm_out(slot, dy.t(), war);
+    if (need_down) {  // d down_e = dy^T (w a)
+      gemm(grad_down.data_ptr<float>() + b.slot * H * I, I, H, I, n, {dy, 1, H}, {war, I, 1});
     }
-    if (need_x) {
-      at::Tensor rows = grad_x.narrow(0, b.start, n);
-      at::mm_out(rows, dgur, gate_up[b.expert]);
+    if (need_x) {  // dx = [dg, du] gate_up_e
+      gemm(grad_x.data_ptr<float>() + b.start * H, H, n, H, 2 * I, {dgur, 2 * I, 1}, {gate_up_e, H, 1});
     }
-    if (need_gate_up) {
-      at::Tensor xr = rows_of(x, tok, b.start, n, xs);
-      at::Tensor slot = grad_gate_up[b.slot];
-      at::mm_out(slot, dgur.t(), xr);
+    if (need_gate_up) {  // d gate_up_e = [dg, du]^T x
+      const float* xr = rows_of(x, tok, b.start, n, xs);
+      gemm(grad_gate_up.data_ptr<float>() + b.slot * 2 * I * H, H, 2 * I, H, n, {dgur, 1, 2 * I}, {xr, H, 1});
     }
   });
   return {grad_x, grad_w, grad_gate_up, grad_down};
@@ -372,6 +449,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sort_pairs(const at::
   return {order, token, counts, position};
 }
 
+// switches the direct BLAS calls of `gemm` on or off (off: at::mm_out, for tests); returns the old state
+bool direct_blas(bool on) { return direct_blas_on.exchange(on); }
+
 }  // namespace
 
 TORCH_LIBRARY(moe_lib_cpu, m) {
@@ -384,5 +464,6 @@ TORCH_LIBRARY(moe_lib_cpu, m) {
         &swiglu_backward);
   m.def("swiglu_act(Tensor gu, Tensor? weight) -> Tensor", &swiglu_act);
   m.def("topk_indices(Tensor choice, int k) -> Tensor", &topk_indices);
+  m.def("direct_blas(bool on) -> bool", &direct_blas);
   m.def("sort_pairs(Tensor indices, int n_experts) -> (Tensor, Tensor, Tensor, Tensor)", &sort_pairs);
 }
