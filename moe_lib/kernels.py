@@ -478,12 +478,14 @@ class ExpertSwiGLU(torch.autograd.Function):
         ctx.ops = _native_ops(x_TH, plan)
         if ctx.ops is not None:
             ctx.blocks = _block_table(plan)
-            out_NH, gate_up_NF = ctx.ops.swiglu_forward(
+            # with position_TK the C++ op also sums each token's rows (as _combine does)
+            out_TH, gate_up_NF = ctx.ops.swiglu_forward(
                 x_TH.contiguous(), plan.token_N, None if weight_N is None else weight_N.contiguous(),
                 gate_up_EFH.contiguous(), down_EHI.contiguous(), ctx.blocks, n_rows,
-                plan.position_TK is not None, ctx.training, not plan.inline)
+                None if plan.position_TK is None else plan.position_TK.contiguous(), ctx.training,
+                not plan.inline)
             ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF)
-            return _combine(out_NH, plan)
+            return out_TH
         gate_up_NF = x_TH.new_empty(n_rows, 2 * d_expert)
         out_NH = _row_buffer(x_TH, plan)
 

@@ -150,10 +150,10 @@ def test_native_checks_its_inputs(ops):
     x = torch.randn(4, 8)
     blocks = torch.tensor([[0, 0, 4, 0]])
     with pytest.raises(RuntimeError, match="do not match"):
-        ops.swiglu_forward(x, None, None, torch.randn(1, 6, 8), torch.randn(1, 8, 4), blocks, 4, False, False,
+        ops.swiglu_forward(x, None, None, torch.randn(1, 6, 8), torch.randn(1, 8, 4), blocks, 4, None, False,
                            False)
     with pytest.raises(RuntimeError, match="blocks must be"):
-        ops.swiglu_forward(x, None, None, torch.randn(1, 8, 8), torch.randn(1, 8, 4), blocks[0], 4, False,
+        ops.swiglu_forward(x, None, None, torch.randn(1, 8, 8), torch.randn(1, 8, 4), blocks[0], 4, None,
                            False, False)
 
 
@@ -211,3 +211,19 @@ def test_direct_blas_calls_give_the_bits_of_at_mm(ops, threads):
                 assert torch.equal(got, want)
     finally:
         torch.set_num_threads(before)
+
+
+def test_combined_rows_equal_embedding_bag(ops):
+    """With `position` the C++ forward sums each token's rows itself (into a buffer it reuses from call
+    to call): bitwise what F.embedding_bag gives on the rows, dropped pairs included, call after call."""
+    x, gate_up, down, pairs = routed()
+    plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, 2)
+    args = (x, pairs.token_N, pairs.weight_N, gate_up, down, kernels._block_table(plan), plan.n_rows)
+    rows, _ = ops.swiglu_forward(*args, None, False, True)
+    expected = F.embedding_bag(pairs.position_TK, torch.cat([rows, rows.new_zeros(1, rows.shape[1])]),
+                               mode="sum")
+    for _ in range(2):
+        combined, _ = ops.swiglu_forward(*args, pairs.position_TK, False, True)
+        assert torch.equal(combined, expected)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.swiglu_forward(*args, pairs.position_TK + 1, False, True)
