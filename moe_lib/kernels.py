@@ -459,8 +459,9 @@ class ExpertSwiGLU(torch.autograd.Function):
 
     gate_up_EFH [E, 2I, H] (gate rows first) and down_EHI [E, H, I] are HF's stacked layout. A task
     runs its expert's whole chain (gather, gate/up GEMM, activation, down GEMM) on blocks that stay
-    in cache; the combine is one gather-and-sum (`embedding_bag`), no scatter. Saves x and the
-    [N, 2I] gate/up product. Backward per block, with a = silu(g) * u:
+    in cache; the combine is one gather-and-sum (`embedding_bag`, or the C++ forward's own pass with
+    the same bits), no scatter. Saves x and, when training, the [N, 2I] gate/up product. Backward per
+    block, with a = silu(g) * u:
         dh = dy_n down_e;  dw_n = <dh, a>;  d down_e += dy_n^T (w a);  du = w dh silu(g);
         dg = w dh u silu'(g);  dx_n = [dg, du] gate_up_e;  d gate_up_e += [dg, du]^T x_n
     """
