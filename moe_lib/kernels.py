@@ -459,9 +459,9 @@ class ExpertSwiGLU(torch.autograd.Function):
 
     gate_up_EFH [E, 2I, H] (gate rows first) and down_EHI [E, H, I] are HF's stacked layout. A task
     runs its expert's whole chain (gather, gate/up GEMM, activation, down GEMM) on blocks that stay
-    in cache; the combine is one gather-and-sum (`embedding_bag`, or the C++ forward's own pass with
-    the same bits), no scatter. Saves x and, when training, the [N, 2I] gate/up product. Backward per
-    block, with a = silu(g) * u:
+    in cache; the combine is one gather-and-sum (`embedding_bag`, or the C++ ops' own pass with the
+    same bits, forward and for dx), no scatter. Saves x and, when training, the [N, 2I] gate/up
+    product. Backward per block, with a = silu(g) * u:
         dh = dy_n down_e;  dw_n = <dh, a>;  d down_e += dy_n^T (w a);  du = w dh silu(g);
         dg = w dh u silu'(g);  dx_n = [dg, du] gate_up_e;  d gate_up_e += [dg, du]^T x_n
     """
@@ -511,10 +511,12 @@ class ExpertSwiGLU(torch.autograd.Function):
                 grad_TH, x_TH.contiguous(), plan.token_N,
                 None if weight_N is None else weight_N.contiguous(), gate_up_EFH.contiguous(),
                 down_EHI.contiguous(), gate_up_NF, ctx.blocks, plan.n_rows, plan.n_slots,
-                plan.position_TK is not None, need_x, need_w, need_gate_up, need_down, not plan.inline)
+                None if plan.position_TK is None else plan.position_TK.contiguous(), need_x, need_w,
+                need_gate_up, need_down, not plan.inline)
+            # with position_TK the C++ op has summed each token's rows of dx already
             return _finish_backward(plan, grad_x_NH if need_x else None, grad_w_N if need_w else None,
                                     grad_gate_up_SFH if need_gate_up else None,
-                                    grad_down_SHI if need_down else None)
+                                    grad_down_SHI if need_down else None, combined=True)
         d_expert = down_EHI.shape[-1]
         grad_x_NH = _row_buffer(x_TH, plan) if need_x else None
         grad_w_N = weight_N.new_empty(plan.n_rows) if need_w else None
@@ -549,9 +551,10 @@ class ExpertSwiGLU(torch.autograd.Function):
                                 grad_down_SHI if need_down else None)
 
 
-def _finish_backward(plan: RowPlan, grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI) -> tuple:
+def _finish_backward(plan: RowPlan, grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI,
+                     combined: bool = False) -> tuple:
     """Adds split experts' partial weight gradients into their own slots, zeroes those of experts
-    without rows, and sums each token's rows of dx."""
+    without rows, and sums each token's rows of dx (unless `combined`: summed already)."""
     n_experts = len(plan.counts_E)
     for grad_SOK in (grad_gate_up_SFH, grad_down_SHI):
         if grad_SOK is None:
@@ -561,7 +564,8 @@ def _finish_backward(plan: RowPlan, grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_
         for e, count in enumerate(plan.counts_E):
             if count == 0:
                 grad_SOK[e].zero_()
-    return (None if grad_x_NH is None else _combine(grad_x_NH, plan), grad_w_N,
+    grad_x = grad_x_NH if grad_x_NH is None or combined else _combine(grad_x_NH, plan)
+    return (grad_x, grad_w_N,
             None if grad_gate_up_SFH is None else grad_gate_up_SFH[:n_experts],
             None if grad_down_SHI is None else grad_down_SHI[:n_experts], None, None)
 

@@ -229,3 +229,72 @@ def test_combined_rows_equal_embedding_bag(ops):
         assert torch.equal(combined, expected)
     with pytest.raises(RuntimeError, match="out of range"):
         ops.swiglu_forward(*args, pairs.position_TK + 1, False, True)
+
+
+def test_backward_sums_each_tokens_rows_of_dx_as_embedding_bag(ops):
+    """With `position` the C++ backward sums each token's rows of dx itself (rows in a kept buffer):
+    bitwise F.embedding_bag over the rows it returns without `position`; the weight gradients alike."""
+    x, gate_up, down, pairs = routed()
+    plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, 2)
+    blocks = kernels._block_table(plan)
+    _, gu = ops.swiglu_forward(x, pairs.token_N, pairs.weight_N, gate_up, down, blocks, plan.n_rows,
+                               pairs.position_TK, True, True)
+    grad = torch.randn_like(x)
+
+    def backward(position):
+        return ops.swiglu_backward(grad, x, pairs.token_N, pairs.weight_N, gate_up, down, gu, blocks,
+                                   plan.n_rows, plan.n_slots, position, True, True, True, True, True)
+
+    rows = backward(None)
+    expected = F.embedding_bag(pairs.position_TK, torch.cat([rows[0], rows[0].new_zeros(1, x.shape[1])]),
+                               mode="sum")
+    for _ in range(2):
+        combined = backward(pairs.position_TK)
+        assert torch.equal(combined[0], expected)
+        for got, want in zip(combined[1:], rows[1:], strict=True):
+            assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="out of range"):
+        backward(pairs.position_TK + 1)
+
+
+def test_large_buffers_come_back_from_the_pool(ops):
+    """Buffers of 1 MB and more (the saved gate/up product, weight gradients, dx) are kept when freed
+    and taken again by the next call of the same shape: the pool does not grow from call to call,
+    reused (dirty) buffers give the same bits, gradients accumulate in them, and pool_trim frees them."""
+    x, gate_up, down, pairs = routed(n_tokens=4096, n_experts=8, top_k=3, d_model=64, d_expert=128)
+    plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, 2)
+    assert plan.n_rows * 2 * 128 * 4 >= 2**20  # the gate/up product comes from the pool
+    grad_y = torch.randn_like(x)
+
+    def step(times=1):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, pairs.weight_N, gate_up, down)]
+        for _ in range(times):
+            ExpertSwiGLU.apply(*leaves, plan).backward(grad_y)
+        return [t.grad for t in leaves]
+
+    ops.pool_trim()
+    assert ops.pool_cached() == 0
+    first = step()
+    after_first = ops.pool_cached()  # the gate/up product, freed after the backward
+    assert after_first >= plan.n_rows * 2 * 128 * 4
+    del first
+    cached = ops.pool_cached()
+    assert cached > after_first  # the gradients, freed
+    first = step()
+    assert ops.pool_cached() == after_first  # the gradients took their buffers back
+    for got, want in zip(step(), first, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(step(times=2), first, strict=True):
+        assert torch.equal(got, 2 * want)  # accumulated in place
+    del first
+    cached = ops.pool_cached()
+    assert ops.pool_trim() == cached and ops.pool_cached() == 0
+
+
+def test_release_pool_frees_what_the_pool_holds(ops):
+    x, gate_up, down, pairs = routed(n_tokens=4096, n_experts=8, top_k=3, d_model=64, d_expert=128)
+    plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, 2)
+    x.requires_grad_()
+    ExpertSwiGLU.apply(x, pairs.weight_N, gate_up, down, plan).sum().backward()
+    held = ops.pool_cached()
+    assert held > 0 and native.release_pool() == held and ops.pool_cached() == 0

@@ -17,6 +17,7 @@
 // polynomial, relative error about 1e-7), written so that the compiler vectorizes the loops.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
@@ -26,7 +27,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -105,6 +109,114 @@ void gemm(float* c, int64_t ldc, int64_t m, int64_t n, int64_t k, Mat a, Mat b) 
   const float one = 1.0f, zero = 0.0f;
   sgemm_(&ta, &tb, &m_, &n_, &k_, &one, b.p, &lda_, a.p, &ldb_, &zero, c, &ldc32);
 }
+
+// Large results and saved products of the ops below (the [N, 2I] gate/up product kept for the
+// backward, the weight gradients, dx) come from a pool of buffers this library keeps: a freed buffer
+// goes back to the pool, and the next call of the same shape takes it again. A fresh tensor of more
+// than 32 MB is always a fresh mmap whose pages fault in on first touch and are unmapped when
+// freed (glibc's threshold); at d_model 512 and 4096 tokens, forward+backward allocated about
+// 200 MB that way per call, 50-60 ms of page faults in a 340 ms step. Buffers under kPoolMin use
+// torch's allocator. Cached (free) buffers are capped at MOE_LIB_POOL_MB (default 1024) MB; beyond
+// that a freed buffer is returned to the system, and `pool_trim` returns them all.
+constexpr size_t kPoolMin = size_t(1) << 20;
+
+class BufferPool final : public c10::Allocator {
+ public:
+  BufferPool() {
+    const char* mb = std::getenv("MOE_LIB_POOL_MB");
+    cap_ = (mb && *mb ? static_cast<size_t>(std::strtoull(mb, nullptr, 10)) : size_t(1024)) << 20;
+  }
+
+  c10::DataPtr allocate(size_t n) override {
+    n = std::max<size_t>(64, (n + 63) / 64 * 64);
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // the smallest free buffer that fits, if it wastes at most an eighth of it
+      auto it = free_.lower_bound(n);
+      if (it != free_.end() && it->first - n <= it->first / 8) {
+        n = it->first;
+        p = it->second;
+        cached_ -= n;
+        free_.erase(it);
+      }
+    }
+    if (!p && posix_memalign(&p, 64, n) != 0) p = nullptr;
+    TORCH_CHECK(p, "moe_lib: could not allocate ", n, " bytes");
+    return {p, new Entry{this, p, n}, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // frees every cached buffer; returns the bytes freed
+  int64_t trim() {
+    std::multimap<size_t, void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      drop.swap(free_);
+      cached_ = 0;
+    }
+    int64_t bytes = 0;
+    for (auto& [n, p] : drop) {
+      bytes += static_cast<int64_t>(n);
+      std::free(p);
+    }
+    return bytes;
+  }
+
+  int64_t cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(cached_);
+  }
+
+ private:
+  struct Entry {
+    BufferPool* pool;
+    void* p;
+    size_t n;
+  };
+
+  static void release(void* ctx) {
+    auto* e = static_cast<Entry*>(ctx);
+    BufferPool* pool = e->pool;
+    bool keep = false;
+    {
+      std::lock_guard<std::mutex> lock(pool->mutex_);
+      if (pool->cached_ + e->n <= pool->cap_) {
+        pool->free_.emplace(e->n, e->p);
+        pool->cached_ += e->n;
+        keep = true;
+      }
+    }
+    if (!keep) std::free(e->p);
+    delete e;
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0, cap_ = 0;
+};
+
+// never destroyed: tensors may outlive static destructors at exit
+BufferPool& buffer_pool() {
+  static BufferPool* pool = new BufferPool();
+  return *pool;
+}
+
+// at::empty(sizes) of float32 on the CPU, from the pool when it is at least kPoolMin bytes
+at::Tensor pooled_empty(at::IntArrayRef sizes) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  if (static_cast<size_t>(numel) * sizeof(float) < kPoolMin) return at::empty(sizes, opts);
+  return at::detail::empty_generic(sizes, &buffer_pool(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   at::kFloat, std::nullopt);
+}
+
+int64_t pool_trim() { return buffer_pool().trim(); }
+int64_t pool_cached() { return buffer_pool().cached(); }
 
 inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
@@ -281,12 +393,22 @@ void check_positions(const at::Tensor& position, int64_t n_rows) {
   }
 }
 
+// [n_rows, H] rows that are summed per token before an op returns: a buffer kept by the calling
+// thread from call to call (forward and backward take turns with it). A fresh tensor each call is a
+// fresh mmap of tens of MB whose pages fault in on first touch: 11 ms per forward for the 48 MB of
+// the d_model 512 layer at 4096 tokens, against 1 ms to rewrite a reused buffer.
+at::Tensor kept_rows(int64_t n_rows, int64_t H) {
+  thread_local at::Tensor rows;
+  ensure_scratch(rows, std::max<int64_t>(n_rows, 1), H, at::TensorOptions().dtype(at::kFloat));
+  return rows;
+}
+
 // y[t] = sum over k of rows[position[t, k]], position N (a dropped pair) adding nothing: in the
 // order and float32 arithmetic of F.embedding_bag(position, rows, mode="sum") with a zero row N, so
 // the same bits (up to the sign of a zero sum)
 at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& position, int64_t n_rows) {
   const int64_t T = position.size(0), K = position.size(1), H = rows.size(1);
-  at::Tensor y = at::empty({T, H}, rows.options());
+  at::Tensor y = pooled_empty({T, H});
   const int64_t* pos = position.data_ptr<int64_t>();
   const float* r = rows.data_ptr<float>();
   float* out = y.data_ptr<float>();
@@ -323,19 +445,9 @@ std::tuple<at::Tensor, at::Tensor> swiglu_forward(const at::Tensor& x, const std
   const auto blocks = read_blocks(blocks_t);
   const int64_t most = max_rows(blocks);
   if (position) check_positions(*position, n_rows);
-  // With `position`, the rows are only summed per token before returning: they go to a buffer kept
-  // by the calling thread from call to call. A fresh [N, H] tensor each call is a fresh mmap of
-  // tens of MB whose pages fault in on first touch and are unmapped when freed: 11 ms per forward
-  // for the 48 MB of the d_model 512 layer at 4096 tokens, against 1 ms to rewrite a reused buffer.
-  thread_local at::Tensor rows_cache;
-  at::Tensor out;
-  if (position) {
-    ensure_scratch(rows_cache, std::max<int64_t>(n_rows, 1), H, x.options());
-    out = rows_cache;
-  } else {
-    out = at::empty({n_rows, H}, x.options());
-  }
-  at::Tensor gu_all = save ? at::empty({n_rows, 2 * I}, x.options()) : at::Tensor();
+  // with `position` the rows are summed per token before returning (kept_rows)
+  at::Tensor out = position ? kept_rows(n_rows, H) : pooled_empty({n_rows, H});
+  at::Tensor gu_all = save ? pooled_empty({n_rows, 2 * I}) : at::Tensor();
   const int64_t* tok = token ? token->data_ptr<int64_t>() : nullptr;
   const float* w = weight ? weight->data_ptr<float>() : nullptr;
   const float* gate_up_w = gate_up.data_ptr<float>();
@@ -362,8 +474,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_forward(const at::Tensor& x, const std
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
     const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& token,
     const std::optional<at::Tensor>& weight, const at::Tensor& gate_up, const at::Tensor& down,
-    const at::Tensor& gu_all, const at::Tensor& blocks_t, int64_t n_rows, int64_t n_slots, bool zero_row,
-    bool need_x, bool need_w, bool need_gate_up, bool need_down, bool parallel) {
+    const at::Tensor& gu_all, const at::Tensor& blocks_t, int64_t n_rows, int64_t n_slots,
+    const std::optional<at::Tensor>& position, bool need_x, bool need_w, bool need_gate_up, bool need_down, bool parallel) {
   check_inputs(x, token, weight, gate_up, down, n_rows);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == at::kFloat,
               "grad must be a contiguous float32 tensor shaped like x");
@@ -374,11 +486,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
   const auto blocks = read_blocks(blocks_t);
   const int64_t most = max_rows(blocks);
   const auto opts = x.options();
-  at::Tensor grad_x = need_x ? at::empty({n_rows + (zero_row ? 1 : 0), H}, opts) : at::empty({0}, opts);
-  if (need_x && zero_row) grad_x[n_rows].zero_();
-  at::Tensor grad_w = need_w ? at::empty({n_rows}, opts) : at::empty({0}, opts);
-  at::Tensor grad_gate_up = need_gate_up ? at::empty({n_slots, 2 * I, H}, opts) : at::empty({0}, opts);
-  at::Tensor grad_down = need_down ? at::empty({n_slots, H, I}, opts) : at::empty({0}, opts);
+  if (position) check_positions(*position, n_rows);
+  // dx per row; with `position` summed per token before returning, so kept as in the forward
+  at::Tensor grad_x = !need_x ? at::empty({0}, opts) : position ? kept_rows(n_rows, H) : pooled_empty({n_rows, H});
+  at::Tensor grad_w = need_w ? pooled_empty({n_rows}) : at::empty({0}, opts);
+  at::Tensor grad_gate_up = need_gate_up ? pooled_empty({n_slots, 2 * I, H}) : at::empty({0}, opts);
+  at::Tensor grad_down = need_down ? pooled_empty({n_slots, H, I}) : at::empty({0}, opts);
   const int64_t* tok = token ? token->data_ptr<int64_t>() : nullptr;
   const float* w = weight ? weight->data_ptr<float>() : nullptr;
   const float* gate_up_w = gate_up.data_ptr<float>();
@@ -410,6 +523,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
       gemm(grad_gate_up.data_ptr<float>() + b.slot * 2 * I * H, H, 2 * I, H, n, {dgur, 1, 2 * I}, {xr, H, 1});
     }
   });
+  if (need_x && position) grad_x = combine_rows(grad_x, *position, n_rows);
   return {grad_x, grad_w, grad_gate_up, grad_down};
 }
 
@@ -512,11 +626,13 @@ TORCH_LIBRARY(moe_lib_cpu, m) {
         "int n_rows, Tensor? position, bool save, bool parallel) -> (Tensor, Tensor)",
         &swiglu_forward);
   m.def("swiglu_backward(Tensor grad, Tensor x, Tensor? token, Tensor? weight, Tensor gate_up, Tensor down, "
-        "Tensor gu, Tensor blocks, int n_rows, int n_slots, bool zero_row, bool need_x, bool need_w, "
+        "Tensor gu, Tensor blocks, int n_rows, int n_slots, Tensor? position, bool need_x, bool need_w, "
         "bool need_gate_up, bool need_down, bool parallel) -> (Tensor, Tensor, Tensor, Tensor)",
         &swiglu_backward);
   m.def("swiglu_act(Tensor gu, Tensor? weight) -> Tensor", &swiglu_act);
   m.def("topk_indices(Tensor choice, int k) -> Tensor", &topk_indices);
   m.def("direct_blas(bool on) -> bool", &direct_blas);
+  m.def("pool_trim() -> int", &pool_trim);
+  m.def("pool_cached() -> int", &pool_cached);
   m.def("sort_pairs(Tensor indices, int n_experts) -> (Tensor, Tensor, Tensor, Tensor)", &sort_pairs);
 }
