@@ -3,6 +3,7 @@ top-k and the pair sort exactly, the SwiGLU experts within float32 rounding, aga
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -67,6 +68,33 @@ def test_topk_indices_equal_torch_topk(ops, k):
     masked = choice.masked_fill(torch.rand_like(choice) < 0.5, float("-inf"))  # a group limit's mask
     assert torch.equal(ops.topk_indices(masked, min(k, 8)).sort(dim=-1).values,
                        masked.topk(min(k, 8), dim=-1).indices.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize(("n_experts", "k"), [(64, 6), (256, 8), (40, 4), (32, 16), (12, 3)])
+def test_both_topk_paths_give_the_insertion_order(ops, n_experts, k):
+    """Rows take k passes of max and find-first (AVX2 builds, E a multiple of 8, small k) or the
+    insertion (the reference order: largest first, NaN largest, ties to the lower index). Rows with
+    ties, NaN, -inf masks and picks among -inf, all in one call, against the insertion row by row."""
+    gen = torch.Generator().manual_seed(n_experts + k)
+    choice = (torch.randint(0, 6, (400, n_experts), generator=gen) / 4.0)  # many ties
+    choice[100:200] = torch.randn(100, n_experts, generator=gen)
+    mask = torch.rand(100, n_experts, generator=gen) < 0.5  # a group limit's mask
+    choice[200:300] = choice[200:300].masked_fill(mask, float("-inf"))
+    choice[300:320, 1:] = float("-inf")  # fewer finite values than k: picks among -inf
+    choice[320:340, n_experts // 2] = float("nan")
+    want = torch.stack([_insertion_topk(row.tolist(), k) for row in choice])
+    assert torch.equal(ops.topk_indices(choice, k), want)
+    finite = choice[100:200]
+    assert torch.equal(ops.topk_indices(finite, k), finite.topk(k, dim=-1).indices)
+
+
+def _insertion_topk(row: list[float], k: int) -> torch.Tensor:
+    """The order by definition: NaN first, then larger values, then the lower index."""
+    def key(e: int) -> tuple:
+        return (0, 0.0, e) if math.isnan(row[e]) else (1, -row[e], e)
+
+    order = sorted(range(len(row)), key=key)
+    return torch.tensor(order[:k])
 
 
 def test_topk_indices_nan_first_ties_to_the_lower_index(ops):

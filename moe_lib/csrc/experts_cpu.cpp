@@ -22,6 +22,10 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -546,6 +550,62 @@ at::Tensor swiglu_act(const at::Tensor& gu, const std::optional<at::Tensor>& wei
 // greater for top-k: NaN counts as the largest value (as torch.topk), ties keep the lower index
 inline bool ranks_before(float a, float b) { return (std::isnan(a) && !std::isnan(b)) || a > b; }
 
+// row's k largest values by insertion, largest first (torch.topk's order); any values
+void topk_row_insert(const float* row, int64_t E, int64_t k, int64_t* ids, float* best) {
+  int64_t filled = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const float x = row[e];
+    if (filled == k && !ranks_before(x, best[k - 1])) continue;
+    int64_t j = filled < k ? filled++ : k - 1;
+    while (j > 0 && ranks_before(x, best[j - 1])) {
+      best[j] = best[j - 1];
+      ids[j] = ids[j - 1];
+      --j;
+    }
+    best[j] = x;
+    ids[j] = e;
+  }
+}
+
+#if defined(__AVX2__)
+// The same by k passes of max-then-find-first over a copy (work, E floats, E a multiple of 8) in which
+// each pick is replaced by -inf, 8 lanes at a time: no data-dependent branch per element (the
+// insertion above mispredicts at every insert; 4096 x 64 at k = 6: 1.46 -> 0.75 ms on one core).
+// Returns false, for the insertion path, where a row has a NaN or a pick would be -inf (ties with
+// the replaced picks).
+bool topk_row_passes(const float* row, int64_t E, int64_t k, int64_t* ids, float* work) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
+  for (int64_t e = 0; e < E; e += 8) {
+    const __m256 x = _mm256_loadu_ps(row + e);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    _mm256_storeu_ps(work + e, x);
+  }
+  if (_mm256_movemask_ps(nan)) return false;
+  for (int64_t j = 0; j < k; ++j) {
+    __m256 m = _mm256_loadu_ps(work);
+    for (int64_t e = 8; e < E; e += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(work + e));
+    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));  // the largest lane, in every lane
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(m, neg_inf, _CMP_EQ_OQ))) return false;
+    int64_t e = 0;
+    for (;; e += 8) {  // the first lane equal to the largest: the lower index of a tie
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(work + e), m, _CMP_EQ_OQ));
+      if (mask) {
+        e += __builtin_ctz(mask);
+        break;
+      }
+    }
+    ids[j] = e;
+    work[e] = -std::numeric_limits<float>::infinity();
+  }
+  return true;
+}
+#else
+bool topk_row_passes(const float*, int64_t, int64_t, int64_t*, float*) { return false; }
+#endif
+
 // indices [T, k] of each row's k largest values of choice [T, E], largest first (torch.topk's order)
 at::Tensor topk_indices(const at::Tensor& choice, int64_t k) {
   TORCH_CHECK(choice.dim() == 2 && choice.scalar_type() == at::kFloat, "choice must be a float32 [T, E] tensor");
@@ -555,24 +615,14 @@ at::Tensor topk_indices(const at::Tensor& choice, int64_t k) {
   at::Tensor out = at::empty({T, k}, c.options().dtype(at::kLong));
   const float* v = c.data_ptr<float>();
   int64_t* idx = out.data_ptr<int64_t>();
+  // passes cost about k * E / 8 vector steps a row, the insertion about E branches: passes for small k
+  const bool passes = E % 8 == 0 && k * 4 <= E;
   at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> best(k);
+    std::vector<float> work(std::max(E, k));
     for (int64_t t = begin; t < end; ++t) {
       const float* row = v + t * E;
       int64_t* ids = idx + t * k;
-      int64_t filled = 0;
-      for (int64_t e = 0; e < E; ++e) {
-        const float x = row[e];
-        if (filled == k && !ranks_before(x, best[k - 1])) continue;
-        int64_t j = filled < k ? filled++ : k - 1;
-        while (j > 0 && ranks_before(x, best[j - 1])) {
-          best[j] = best[j - 1];
-          ids[j] = ids[j - 1];
-          --j;
-        }
-        best[j] = x;
-        ids[j] = e;
-      }
+      if (!passes || !topk_row_passes(row, E, k, ids, work.data())) topk_row_insert(row, E, k, ids, work.data());
     }
   });
   return out;
