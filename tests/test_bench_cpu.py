@@ -6,7 +6,7 @@ from pathlib import Path
 
 from moe_lib import native
 from moe_lib.bench import main
-from moe_lib.bench.cpu import DEFAULT_PATH, MODES, PYTHON_TASKS, markdown, target_lines
+from moe_lib.bench.cpu import BOUND, DEFAULT_PATH, MODES, PYTHON_TASKS, markdown, target_lines
 
 
 def test_bench_cpu_tiny_shape_both_levels(tmp_path, capsys, monkeypatch):
@@ -31,9 +31,12 @@ def test_bench_cpu_tiny_shape_both_levels(tmp_path, capsys, monkeypatch):
     built = native.ops() is not None
     assert level["isa"]["native_kernels"]["built"] == built
     assert (PYTHON_TASKS in run["results"]) == built  # the default path without the C++ kernels
+    assert (BOUND in run["results"]) == built  # the layer's GEMMs alone
+    if built:
+        assert all(0 < ours[mode]["pct_of_gemm_bound"] for mode in MODES)
     lines = target_lines(report)
     assert len(lines) == 2 and lines[1].startswith("avx2, 64 tokens, H 32, I 16: forward ")
-    assert ("Python tasks" in lines[1]) == built
+    assert ("Python tasks" in lines[1]) == built and ("GEMMs alone" in lines[1]) == built
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     assert report["machine"]["flags"]["avx2"] == (" avx2" in cpuinfo)
     table = markdown(report)

@@ -326,3 +326,24 @@ def test_release_pool_frees_what_the_pool_holds(ops):
     ExpertSwiGLU.apply(x, pairs.weight_N, gate_up, down, plan).sum().backward()
     held = ops.pool_cached()
     assert held > 0 and native.release_pool() == held and ops.pool_cached() == 0
+
+
+def test_gemm_bound_runs_the_forward_and_backward_gemms(ops):
+    """`gemm_bound` (the benchmark's GEMMs-alone row) runs the kernels' GEMMs on sorted rows, split
+    experts included, on the workers or the calling thread, through BLAS directly or at::mm_out, and
+    checks its inputs like the kernels."""
+    x, gate_up, down, pairs = routed(n_experts=6)
+    plan = kernels.task_plan(pairs.counts_E.tolist(), None, None, 2)
+    rows, blocks = x.index_select(0, pairs.token_N), kernels._block_table(plan)
+    for direct in (True, False):
+        previous = ops.direct_blas(direct)
+        try:
+            for backward in (False, True):
+                for parallel in (False, True):
+                    assert ops.gemm_bound(rows, gate_up, down, blocks, backward, parallel) is None
+        finally:
+            ops.direct_blas(previous)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.gemm_bound(rows, gate_up[:, :, :8].contiguous(), down, blocks, False, False)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.gemm_bound(rows.double(), gate_up, down, blocks, False, False)

@@ -9,6 +9,13 @@ machine hits them all alike; we report medians after warm-up rounds.
 - dense: a matmul [T, H] @ [H, N] with the layer's FLOPs, timed in the same rounds with both of
   torch's CPU GEMMs (`torch.mm`, MKL here, and oneDNN); "% of dense" is the layer's GFLOP/s over
   the faster dense GFLOP/s of the same mode: this machine's measured peak.
+- bound:GEMMs: the layer's GEMMs alone, as our default path issues them (router, each routed expert's
+  block of rows, the shared expert; the same BLAS calls on the same workers, `native`'s `gemm_bound`),
+  on rows already sorted, without gathers, activation, combine, top-k or sort: what our path would
+  take if everything but its GEMMs were free, a bound for any implementation that runs these GEMMs
+  through the same BLAS. Its speed-up over the best transformers implementation is the most the
+  target can get by removing overhead (where it is under 1.3x, only faster GEMMs can reach it), and
+  our path's "% of bound" is how close it comes.
 - balancing: the loss-free update of one training step (load accumulation and
   `balance.update_bias`), as a share of our default path's forward+backward.
 FLOPs are `accounting.moe_flops_per_token` (2 per activated weight forward, 3x with backward).
@@ -42,6 +49,7 @@ from .. import kernels, native
 from ..accounting import moe_flops_per_token
 from ..balance import update_bias
 from ..config import MoEConfig
+from ..dispatch import sort_by_expert
 from ..moe import DeepSeekMoE
 from ..presets import BOOK
 from . import cpu_info
@@ -50,6 +58,7 @@ OURS = ("loop", "sorted", "grouped")
 TRANSFORMERS = ("eager", "grouped_mm", "batched_mm")
 DEFAULT_PATH = "moe_lib:" + MoEConfig().dispatch
 PYTHON_TASKS = DEFAULT_PATH + " (Python tasks)"
+BOUND = "bound:GEMMs"
 MODES = ("forward", "forward_backward")
 TARGET_SPEEDUP = 1.3
 TARGET_PCT_OF_DENSE = 75.0  # forward+backward
@@ -226,8 +235,47 @@ def cpu_tasks(layers: dict[str, torch.nn.Module], x: torch.Tensor, proj: torch.T
         tasks[f"{name}|forward"] = _no_grad(matmul, x)
         tasks[f"{name}|forward_backward"] = (lambda matmul=matmul:
                                              forward_backward(matmul, xg, dense_proj, [dense_w]))
+    bound = gemm_bound_tasks(layers[DEFAULT_PATH], x)
+    if bound is not None:
+        tasks[f"{BOUND}|forward"], tasks[f"{BOUND}|forward_backward"] = bound
     tasks["balancing|update"] = _balancing_step(layers[DEFAULT_PATH], x)
     return tasks
+
+
+def gemm_bound_tasks(layer: DeepSeekMoE, x: torch.Tensor) -> tuple[Callable[[], None], ...] | None:
+    """The layer's GEMMs alone (see `bound:GEMMs` above), forward and forward+backward, for this x's
+    routing; None where the C++ kernels are not built."""
+    ops = native.ops_for(x)
+    if ops is None:
+        return None
+    with torch.no_grad():
+        layer(x)
+    pairs = sort_by_expert(layer.last_routing.indices, layer.last_routing.weights, layer.cfg.n_routed)
+    x_NH = x.index_select(0, pairs.token_N).contiguous()
+    threads = torch.get_num_threads()
+    routed = kernels.task_plan(pairs.counts_E.tolist(), None, None, threads)
+    experts = layer.experts
+    gate_up, down = experts.gate_up_proj.detach().contiguous(), experts.down_proj.detach().contiguous()
+    expert_calls = [(x_NH, gate_up, down, kernels._block_table(routed), not routed.inline)]
+    if layer.shared_experts is not None:
+        shared = layer.shared_experts
+        gate_up = torch.cat([shared.gate_proj.weight, shared.up_proj.weight]).detach()[None].contiguous()
+        plan = kernels.task_plan([x.shape[0]], None, None, threads)
+        expert_calls.append((x.contiguous(), gate_up, shared.down_proj.weight.detach()[None].contiguous(),
+                             kernels._block_table(plan), not plan.inline))
+    w_EH = layer.gate.weight.detach()
+    logits_TE = x.new_empty(x.shape[0], w_EH.shape[0])
+    grad_x_TH, grad_w_EH = torch.empty_like(x), torch.empty_like(w_EH)
+
+    def run(backward: bool) -> None:
+        torch.mm(x, w_EH.t(), out=logits_TE)
+        for call in expert_calls:
+            ops.gemm_bound(*call[:4], backward, call[4])
+        if backward:  # the router's two gradient GEMMs
+            torch.mm(logits_TE, w_EH, out=grad_x_TH)
+            torch.mm(logits_TE.t(), x, out=grad_w_EH)
+
+    return (lambda: run(False)), (lambda: run(True))
 
 
 def _no_grad(fn: Callable, x: torch.Tensor) -> Callable[[], None]:
@@ -280,6 +328,10 @@ def summarize(times: dict[str, list[float]], cfg: MoEConfig, tokens: int, n_dens
     balance_ms = results.pop("balancing")["update"]["median_ms"]
     ours = results[DEFAULT_PATH]
     balance_pct = 100 * balance_ms / ours["forward_backward"]["median_ms"]
+    for mode in MODES:  # how close our path comes to its GEMMs alone
+        if BOUND in results:
+            bound_ms = results[BOUND][mode]["median_ms"]
+            ours[mode]["pct_of_gemm_bound"] = 100 * bound_ms / ours[mode]["median_ms"]
     met = {mode: ours[mode]["speedup_vs_best_transformers"] >= TARGET_SPEEDUP for mode in MODES}
     met["pct_of_dense_forward_backward"] = ours["forward_backward"]["pct_of_dense"] >= TARGET_PCT_OF_DENSE
     return {"flops": flops, "results": results, "best_transformers": best, "dense_peak": peak,
@@ -324,6 +376,13 @@ def format_table(run: dict, level: str) -> str:
               f"forward+backward {verdict['pct_of_dense_forward_backward']}",
               f"loss-free balancing update: {b['median_ms']:.3f} ms = {b['pct_of_forward_backward']:.2f}% "
               f"of a {t['path']} forward+backward (target < {b['target_pct']:.0f}%)"]
+    bound, ours = run["results"].get(BOUND), run["results"][t["path"]]
+    if bound:
+        x_hf = [bound[mode]["speedup_vs_best_transformers"] for mode in MODES]
+        pct = [ours[mode]["pct_of_gemm_bound"] for mode in MODES]
+        lines.append(f"{BOUND} (the layer's GEMMs alone): {x_hf[0]:.2f}x / {x_hf[1]:.2f}x the best "
+                     f"transformers (forward / forward+backward); {t['path']} at {pct[0]:.0f}% / "
+                     f"{pct[1]:.0f}% of its speed")
     return "\n".join(lines)
 
 
@@ -435,6 +494,7 @@ def target_lines(report: dict) -> list[str]:
         for run in data["runs"]:
             c, t, ours = run["config"], run["target"], run["results"][run["target"]["path"]]
             verdict = {key: "met" if ok else "missed" for key, ok in t["met"].items()}
+            bound = run["results"].get(BOUND)
             line = (f"{level}, {run['tokens']} tokens, H {c['d_model']}, I {c['d_expert']}: "
                     f"forward {ours['forward']['speedup_vs_best_transformers']:.2f}x ({verdict['forward']}), "
                     f"forward+backward {ours['forward_backward']['speedup_vs_best_transformers']:.2f}x "
@@ -445,6 +505,11 @@ def target_lines(report: dict) -> list[str]:
             if python:
                 line += (f"; Python tasks {python['forward']['speedup_vs_best_transformers']:.2f}x / "
                          f"{python['forward_backward']['speedup_vs_best_transformers']:.2f}x")
+            if bound:
+                line += (f"; GEMMs alone {bound['forward']['speedup_vs_best_transformers']:.2f}x / "
+                         f"{bound['forward_backward']['speedup_vs_best_transformers']:.2f}x, ours at "
+                         f"{ours['forward']['pct_of_gemm_bound']:.0f}% / "
+                         f"{ours['forward_backward']['pct_of_gemm_bound']:.0f}% of their speed")
             lines.append(line)
     return lines
 

@@ -531,6 +531,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
   return {grad_x, grad_w, grad_gate_up, grad_down};
 }
 
+// The GEMMs of swiglu_forward (and with `backward`, of swiglu_backward too) alone, for a benchmark's
+// bound: the same blocks, workers and BLAS calls with the same shapes and strides, on rows already
+// sorted (x [N, H] read in place, no gathers), without the activation, the combine or any result
+// but per-thread scratch. The layer's time over this one is what everything but its GEMMs costs.
+void gemm_bound(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& blocks_t,
+                bool backward, bool parallel) {
+  check_inputs(x, std::nullopt, std::nullopt, gate_up, down, x.size(0));
+  const int64_t H = x.size(1), I = down.size(2);
+  const auto blocks = read_blocks(blocks_t);
+  const int64_t most = max_rows(blocks);
+  const auto opts = x.options();
+  const float* xp = x.data_ptr<float>();
+  const float* gate_up_w = gate_up.data_ptr<float>();
+  const float* down_w = down.data_ptr<float>();
+  at::NoGradGuard no_grad;
+  run_blocks(blocks, parallel, [&](const Block& b) {
+    // gu doubles as [dg, du], h as w a, out as dx; inputs of the GEMMs filled once with ordinary values
+    thread_local at::Tensor gu, h, out, dh, d_gate_up, d_down;
+    if (!h.defined() || h.size(0) < most || h.size(1) != I) {
+      h = at::full({most, I}, 0.25f, opts);
+      gu = at::full({most, 2 * I}, 0.25f, opts);
+    }
+    ensure_scratch(out, most, H, opts);
+    const int64_t n = b.stop - b.start;
+    const float* xr = xp + b.start * H;
+    const float* gate_up_e = gate_up_w + b.expert * 2 * I * H;
+    const float* down_e = down_w + b.expert * H * I;
+    float *gur = gu.data_ptr<float>(), *hr = h.data_ptr<float>();
+    if (!backward) {
+      gemm(gur, 2 * I, n, 2 * I, H, {xr, H, 1}, {gate_up_e, 1, H});
+      gemm(out.data_ptr<float>(), H, n, H, I, {hr, I, 1}, {down_e, 1, I});
+      return;
+    }
+    ensure_scratch(dh, most, I, opts);
+    ensure_scratch(d_gate_up, 2 * I, H, opts);
+    ensure_scratch(d_down, H, I, opts);
+    // the forward of training, then the backward's four GEMMs, x standing in for dy
+    gemm(gur, 2 * I, n, 2 * I, H, {xr, H, 1}, {gate_up_e, 1, H});
+    gemm(out.data_ptr<float>(), H, n, H, I, {hr, I, 1}, {down_e, 1, I});
+    gemm(dh.data_ptr<float>(), I, n, I, H, {xr, H, 1}, {down_e, I, 1});
+    gemm(d_down.data_ptr<float>(), I, H, I, n, {xr, 1, H}, {hr, I, 1});
+    gemm(out.data_ptr<float>(), H, n, H, 2 * I, {gur, 2 * I, 1}, {gate_up_e, H, 1});
+    gemm(d_gate_up.data_ptr<float>(), H, 2 * I, H, n, {gur, 1, 2 * I}, {xr, H, 1});
+  });
+}
+
 // the activation alone, for the grouped plan: h = w silu(g) u from gu [N, 2I]
 at::Tensor swiglu_act(const at::Tensor& gu, const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0 && gu.is_contiguous() && gu.scalar_type() == at::kFloat,
@@ -680,6 +726,8 @@ TORCH_LIBRARY(moe_lib_cpu, m) {
         "bool need_gate_up, bool need_down, bool parallel) -> (Tensor, Tensor, Tensor, Tensor)",
         &swiglu_backward);
   m.def("swiglu_act(Tensor gu, Tensor? weight) -> Tensor", &swiglu_act);
+  m.def("gemm_bound(Tensor x, Tensor gate_up, Tensor down, Tensor blocks, bool backward, bool parallel) -> ()",
+        &gemm_bound);
   m.def("topk_indices(Tensor choice, int k) -> Tensor", &topk_indices);
   m.def("direct_blas(bool on) -> bool", &direct_blas);
   m.def("pool_trim() -> int", &pool_trim);
