@@ -19,3 +19,15 @@ def test_cpu_benchmark_figure_has_a_bar_per_level_mode_and_shape():
     lines = sorted(round(shape.y0, 2) for shape in fig.layout.shapes)
     assert lines == [1.0, 1.0, 1.3, 1.3, 75.0]  # break-even, targets
     assert [t.name for t in fig.data if t.showlegend] == ["native", "avx2"]
+
+
+def test_the_gemm_bound_is_an_outlined_bar_behind_each_level():
+    runs = [fake_run(4096, 1.2, 1.4), fake_run(1024, 0.8, 0.9)]
+    for run, bound in zip(runs, (1.5, 1.1), strict=True):
+        run["results"]["bound:GEMMs"] = fake_run(0, bound, bound + 0.2)["results"]["moe_lib:grouped"]
+    fig = cpu_benchmark_figure({"levels": {"native": {"runs": runs}}})
+    assert len(fig.data) == 2 * 2 * 2  # modes x (speed-up, % dense) x (ours, bound)
+    bounds = [t for t in fig.data if t.name == "native: GEMMs alone"]
+    assert [list(t.y) for t in bounds] == [[1.5, 1.1], [75.0, 55.0], [1.7, 1.3], [85.0, 65.0]]
+    assert all(t.offsetgroup == "native" for t in fig.data)  # each drawn at its level's bar
+    assert fig.data.index(bounds[0]) < fig.data.index(next(t for t in fig.data if t.text is not None))

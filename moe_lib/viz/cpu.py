@@ -20,11 +20,13 @@ def shape_label(run: dict) -> str:
     return f"{run['tokens']} tokens<br>H {cfg['d_model']}, I {cfg['d_expert']}"
 
 
-def cpu_benchmark_figure(report: dict, path: str = "moe_lib:grouped") -> go.Figure:
+def cpu_benchmark_figure(report: dict, path: str = "moe_lib:grouped",
+                         bound: str = "bound:GEMMs") -> go.Figure:
     """Top: speed-up of `path` over the best transformers implementation, per shape, with the
     break-even (1x) and the report's target (1.3x, dashed). Bottom: its GFLOP/s as a percentage of
     the faster dense matmul of equal FLOPs, with the forward+backward target (75%, dashed). One bar
-    per instruction-set level."""
+    per instruction-set level; where the report has the layer's GEMMs alone (`bound`), an outlined
+    bar behind each shows theirs: how far removing everything but the GEMMs could take `path`."""
     levels = report["levels"]
     fig = make_subplots(rows=2, cols=len(MODES), shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=[f"{title}: x best transformers" for title in MODES.values()]
@@ -33,14 +35,22 @@ def cpu_benchmark_figure(report: dict, path: str = "moe_lib:grouped") -> go.Figu
         labels = [shape_label(run) for run in data["runs"]]
         color = LEVEL_COLORS[i % len(LEVEL_COLORS)]
         for col, mode in enumerate(MODES, start=1):
+            if all(bound in run["results"] for run in data["runs"]):  # drawn first: behind
+                bounds = [run["results"][bound][mode] for run in data["runs"]]
+                outline = {"color": "rgba(0,0,0,0)", "line": {"color": color, "width": 1.5}}
+                for row, key, digits in ((1, "speedup_vs_best_transformers", DIGITS), (2, "pct_of_dense", 1)):
+                    fig.add_trace(go.Bar(x=labels, y=[round(e[key], digits) for e in bounds],
+                                         offsetgroup=level, name=f"{level}: GEMMs alone",
+                                         legendgroup=f"{level} bound",
+                                         showlegend=col == 1 and row == 1, marker=outline), row=row, col=col)
             entries = [run["results"][path][mode] for run in data["runs"]]
             speedups = [round(e["speedup_vs_best_transformers"], DIGITS) for e in entries]
-            fig.add_trace(go.Bar(x=labels, y=speedups,
+            fig.add_trace(go.Bar(x=labels, y=speedups, offsetgroup=level,
                                  name=level, legendgroup=level, showlegend=col == 1, marker_color=color,
                                  text=[f"{e['speedup_vs_best_transformers']:.2f}x" for e in entries],
                                  textposition="outside"), row=1, col=col)
             fig.add_trace(go.Bar(x=labels, y=[round(e["pct_of_dense"], 1) for e in entries], name=level,
-                                 legendgroup=level, showlegend=False, marker_color=color),
+                                 offsetgroup=level, legendgroup=level, showlegend=False, marker_color=color),
                           row=2, col=col)
     targets = next(iter(levels.values()))["runs"][0].get("target", {})  # the same in every run
     for col in range(1, len(MODES) + 1):
