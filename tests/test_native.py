@@ -4,7 +4,11 @@ top-k and the pair sort exactly, the SwiGLU experts within float32 rounding, aga
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,3 +351,24 @@ def test_gemm_bound_runs_the_forward_and_backward_gemms(ops):
         ops.gemm_bound(rows, gate_up[:, :, :8].contiguous(), down, blocks, False, False)
     with pytest.raises(RuntimeError, match="contiguous float32"):
         ops.gemm_bound(rows.double(), gate_up, down, blocks, False, False)
+
+
+def test_pool_cap_from_the_environment(ops):
+    """MOE_LIB_POOL_MB caps what waits in the pool (read when the pool is first used): at 0 nothing
+    is kept, and the results are the same."""
+    script = (
+        "import torch; from moe_lib import kernels, native; from moe_lib.kernels import ExpertSwiGLU;"
+        "from tests.test_native import routed;"
+        "torch.manual_seed(0); x, gate_up, down, pairs = routed(4096, 8, 3, 64, 128);"
+        "plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, 2);"
+        "x.requires_grad_(); ExpertSwiGLU.apply(x, pairs.weight_N, gate_up, down, plan).sum().backward();"
+        "print(native.ops().pool_cached(), float(x.grad.double().sum()))")
+    outputs = []
+    for cap in ("0", "1024"):
+        env = {**os.environ, "MOE_LIB_POOL_MB": cap}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout.split())
+    assert outputs[0][0] == "0" and int(outputs[1][0]) > 0
+    assert outputs[0][1] == outputs[1][1]
