@@ -11,11 +11,12 @@ machine hits them all alike; we report medians after warm-up rounds.
   the faster dense GFLOP/s of the same mode: this machine's measured peak.
 - bound:GEMMs: the layer's GEMMs alone, as our default path issues them (router, each routed expert's
   block of rows, the shared expert; the same BLAS calls on the same workers, `native`'s `gemm_bound`),
-  on rows already sorted, without gathers, activation, combine, top-k or sort: what our path would
-  take if everything but its GEMMs were free, a bound for any implementation that runs these GEMMs
-  through the same BLAS. Its speed-up over the best transformers implementation is the most the
-  target can get by removing overhead (where it is under 1.3x, only faster GEMMs can reach it), and
-  our path's "% of bound" is how close it comes.
+  on rows already sorted, without gathers, activation, combine, top-k or sort, writing the weight
+  gradients to full buffers and every other product to per-thread scratch: what our path would
+  take if everything but its GEMMs and their required results were free, a bound for any
+  implementation that runs these GEMMs through the same BLAS. Its speed-up over the best
+  transformers implementation is the most the target can get by removing overhead (where it is
+  under 1.3x, only faster GEMMs can reach it), and our path's "% of bound" is how close it comes.
 - balancing: the loss-free update of one training step (load accumulation and
   `balance.update_bias`), as a share of our default path's forward+backward.
 FLOPs are `accounting.moe_flops_per_token` (2 per activated weight forward, 3x with backward).

@@ -533,8 +533,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
 
 // The GEMMs of swiglu_forward (and with `backward`, of swiglu_backward too) alone, for a benchmark's
 // bound: the same blocks, workers and BLAS calls with the same shapes and strides, on rows already
-// sorted (x [N, H] read in place, no gathers), without the activation, the combine or any result
-// but per-thread scratch. The layer's time over this one is what everything but its GEMMs costs.
+// sorted (x [N, H] read in place, no gathers), without the activation or the combine. The weight
+// gradients go to full [slots, 2I, H] and [slots, H, I] buffers, as any implementation must write
+// them; the other products stay in per-thread scratch. The layer's time over this one is what
+// everything but its GEMMs and their required results costs.
 void gemm_bound(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& blocks_t,
                 bool backward, bool parallel) {
   check_inputs(x, std::nullopt, std::nullopt, gate_up, down, x.size(0));
@@ -545,10 +547,14 @@ void gemm_bound(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
   const float* xp = x.data_ptr<float>();
   const float* gate_up_w = gate_up.data_ptr<float>();
   const float* down_w = down.data_ptr<float>();
+  int64_t n_slots = 1;
+  for (const auto& b : blocks) n_slots = std::max(n_slots, b.slot + 1);
+  at::Tensor grad_gate_up = backward ? pooled_empty({n_slots, 2 * I, H}) : at::Tensor();
+  at::Tensor grad_down = backward ? pooled_empty({n_slots, H, I}) : at::Tensor();
   at::NoGradGuard no_grad;
   run_blocks(blocks, parallel, [&](const Block& b) {
     // gu doubles as [dg, du], h as w a, out as dx; inputs of the GEMMs filled once with ordinary values
-    thread_local at::Tensor gu, h, out, dh, d_gate_up, d_down;
+    thread_local at::Tensor gu, h, out, dh;
     if (!h.defined() || h.size(0) < most || h.size(1) != I) {
       h = at::full({most, I}, 0.25f, opts);
       gu = at::full({most, 2 * I}, 0.25f, opts);
@@ -565,15 +571,13 @@ void gemm_bound(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
       return;
     }
     ensure_scratch(dh, most, I, opts);
-    ensure_scratch(d_gate_up, 2 * I, H, opts);
-    ensure_scratch(d_down, H, I, opts);
     // the forward of training, then the backward's four GEMMs, x standing in for dy
     gemm(gur, 2 * I, n, 2 * I, H, {xr, H, 1}, {gate_up_e, 1, H});
     gemm(out.data_ptr<float>(), H, n, H, I, {hr, I, 1}, {down_e, 1, I});
     gemm(dh.data_ptr<float>(), I, n, I, H, {xr, H, 1}, {down_e, I, 1});
-    gemm(d_down.data_ptr<float>(), I, H, I, n, {xr, 1, H}, {hr, I, 1});
+    gemm(grad_down.data_ptr<float>() + b.slot * H * I, I, H, I, n, {xr, 1, H}, {hr, I, 1});
     gemm(out.data_ptr<float>(), H, n, H, 2 * I, {gur, 2 * I, 1}, {gate_up_e, H, 1});
-    gemm(d_gate_up.data_ptr<float>(), H, 2 * I, H, n, {gur, 1, 2 * I}, {xr, H, 1});
+    gemm(grad_gate_up.data_ptr<float>() + b.slot * 2 * I * H, H, 2 * I, H, n, {gur, 1, 2 * I}, {xr, H, 1});
   });
 }
 
