@@ -32,11 +32,15 @@ class Expert(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [1, 2I, H], down [1, H, I]): this expert in RoutedExperts' stacked layout."""
+        gate_up_1FH = torch.cat([self.gate_proj.weight, self.up_proj.weight]).unsqueeze(0)
+        return gate_up_1FH, self.down_proj.weight.unsqueeze(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one expert over all rows; on the CPU moe_lib.kernels runs blocks of rows, one per core
         x_TH = x.reshape(-1, x.shape[-1])
-        gate_up_1FH = torch.cat([self.gate_proj.weight, self.up_proj.weight]).unsqueeze(0)
-        y_TH = expert_swiglu(x_TH, gate_up_1FH, self.down_proj.weight.unsqueeze(0), [x_TH.shape[0]])
+        y_TH = expert_swiglu(x_TH, *self.stacked_weights(), [x_TH.shape[0]])
         return y_TH.view(*x.shape[:-1], y_TH.shape[-1])
 
 

@@ -335,16 +335,31 @@ def test_release_pool_frees_what_the_pool_holds(ops):
 def test_gemm_bound_runs_the_forward_and_backward_gemms(ops):
     """`gemm_bound` (the benchmark's GEMMs-alone row) runs the kernels' GEMMs on sorted rows, split
     experts included, on the workers or the calling thread, through BLAS directly or at::mm_out, and
-    checks its inputs like the kernels."""
+    checks its inputs like the kernels. Its weight gradients, summed over each expert's slots, are the
+    products it stands in for: d down_e = x_e^T h with h = 0.25, d gate_up_e = (x_e gate_up_e^T)^T x_e."""
     x, gate_up, down, pairs = routed(n_experts=6)
-    plan = kernels.task_plan(pairs.counts_E.tolist(), None, None, 2)
+    counts = pairs.counts_E.tolist()
+    plan = kernels.task_plan(counts, None, None, 2)
+    assert plan.partials  # an expert is split over slots
     rows, blocks = x.index_select(0, pairs.token_N), kernels._block_table(plan)
+    want_down, want_gate_up = [], []
+    for e, x_e in enumerate(rows.double().split(counts)):
+        want_down.append((0.25 * x_e.sum(dim=0))[:, None].expand(-1, down.shape[2]))
+        want_gate_up.append((x_e @ gate_up[e].double().t()).t() @ x_e)
     for direct in (True, False):
         previous = ops.direct_blas(direct)
         try:
-            for backward in (False, True):
-                for parallel in (False, True):
-                    assert ops.gemm_bound(rows, gate_up, down, blocks, backward, parallel) is None
+            for parallel in (False, True):
+                grad_gate_up, grad_down = ops.gemm_bound(rows, gate_up, down, blocks, False, parallel)
+                assert grad_gate_up.numel() == 0 and grad_down.numel() == 0
+                grad_gate_up, grad_down = ops.gemm_bound(rows, gate_up, down, blocks, True, parallel)
+                for got_S, want_E in ((grad_gate_up, want_gate_up), (grad_down, want_down)):
+                    got_S = got_S.double().clone()
+                    for e, first, stop in plan.partials:
+                        got_S[e] += got_S[first:stop].sum(dim=0)
+                    for e, want in enumerate(want_E):
+                        scale = want.abs().max().item()
+                        torch.testing.assert_close(got_S[e], want, rtol=1e-4, atol=1e-4 * scale)
         finally:
             ops.direct_blas(previous)
     with pytest.raises(RuntimeError, match="do not match"):

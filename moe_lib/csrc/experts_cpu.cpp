@@ -535,10 +535,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
 // bound: the same blocks, workers and BLAS calls with the same shapes and strides, on rows already
 // sorted (x [N, H] read in place, no gathers), without the activation or the combine. The weight
 // gradients go to full [slots, 2I, H] and [slots, H, I] buffers, as any implementation must write
-// them; the other products stay in per-thread scratch. The layer's time over this one is what
-// everything but its GEMMs and their required results costs.
-void gemm_bound(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& blocks_t,
-                bool backward, bool parallel) {
+// them, and are returned (empty without `backward`, so that a test can check the products); the
+// other products stay in per-thread scratch. The layer's time over this one is what everything but
+// its GEMMs and their required results costs.
+std::tuple<at::Tensor, at::Tensor> gemm_bound(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                                              const at::Tensor& blocks_t, bool backward, bool parallel) {
   check_inputs(x, std::nullopt, std::nullopt, gate_up, down, x.size(0));
   const int64_t H = x.size(1), I = down.size(2);
   const auto blocks = read_blocks(blocks_t);
@@ -549,36 +550,32 @@ void gemm_bound(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
   const float* down_w = down.data_ptr<float>();
   int64_t n_slots = 1;
   for (const auto& b : blocks) n_slots = std::max(n_slots, b.slot + 1);
-  at::Tensor grad_gate_up = backward ? pooled_empty({n_slots, 2 * I, H}) : at::Tensor();
-  at::Tensor grad_down = backward ? pooled_empty({n_slots, H, I}) : at::Tensor();
+  at::Tensor grad_gate_up = backward ? pooled_empty({n_slots, 2 * I, H}) : at::empty({0}, opts);
+  at::Tensor grad_down = backward ? pooled_empty({n_slots, H, I}) : at::empty({0}, opts);
   at::NoGradGuard no_grad;
   run_blocks(blocks, parallel, [&](const Block& b) {
-    // gu doubles as [dg, du], h as w a, out as dx; inputs of the GEMMs filled once with ordinary values
+    // gu holds x gate_up_e^T and stands in for [dg, du]; h (0.25 everywhere) for the activation and
+    // w a; x for dy; out for the layer's rows and dx
     thread_local at::Tensor gu, h, out, dh;
-    if (!h.defined() || h.size(0) < most || h.size(1) != I) {
-      h = at::full({most, I}, 0.25f, opts);
-      gu = at::full({most, 2 * I}, 0.25f, opts);
-    }
+    if (!h.defined() || h.size(0) < most || h.size(1) != I) h = at::full({most, I}, 0.25f, opts);
+    ensure_scratch(gu, most, 2 * I, opts);
     ensure_scratch(out, most, H, opts);
     const int64_t n = b.stop - b.start;
     const float* xr = xp + b.start * H;
     const float* gate_up_e = gate_up_w + b.expert * 2 * I * H;
     const float* down_e = down_w + b.expert * H * I;
     float *gur = gu.data_ptr<float>(), *hr = h.data_ptr<float>();
-    if (!backward) {
-      gemm(gur, 2 * I, n, 2 * I, H, {xr, H, 1}, {gate_up_e, 1, H});
-      gemm(out.data_ptr<float>(), H, n, H, I, {hr, I, 1}, {down_e, 1, I});
-      return;
-    }
-    ensure_scratch(dh, most, I, opts);
-    // the forward of training, then the backward's four GEMMs, x standing in for dy
     gemm(gur, 2 * I, n, 2 * I, H, {xr, H, 1}, {gate_up_e, 1, H});
     gemm(out.data_ptr<float>(), H, n, H, I, {hr, I, 1}, {down_e, 1, I});
+    if (!backward) return;
+    ensure_scratch(dh, most, I, opts);
     gemm(dh.data_ptr<float>(), I, n, I, H, {xr, H, 1}, {down_e, I, 1});
     gemm(grad_down.data_ptr<float>() + b.slot * H * I, I, H, I, n, {xr, 1, H}, {hr, I, 1});
     gemm(out.data_ptr<float>(), H, n, H, 2 * I, {gur, 2 * I, 1}, {gate_up_e, H, 1});
     gemm(grad_gate_up.data_ptr<float>() + b.slot * 2 * I * H, H, 2 * I, H, n, {gur, 1, 2 * I}, {xr, H, 1});
   });
+  // per slot: d down = x^T h (0.25 times x's column sums), d gate_up = (x gate_up_e^T)^T x
+  return {grad_gate_up, grad_down};
 }
 
 // the activation alone, for the grouped plan: h = w silu(g) u from gu [N, 2I]
@@ -730,7 +727,8 @@ TORCH_LIBRARY(moe_lib_cpu, m) {
         "bool need_gate_up, bool need_down, bool parallel) -> (Tensor, Tensor, Tensor, Tensor)",
         &swiglu_backward);
   m.def("swiglu_act(Tensor gu, Tensor? weight) -> Tensor", &swiglu_act);
-  m.def("gemm_bound(Tensor x, Tensor gate_up, Tensor down, Tensor blocks, bool backward, bool parallel) -> ()",
+  m.def("gemm_bound(Tensor x, Tensor gate_up, Tensor down, Tensor blocks, bool backward, bool parallel) -> "
+        "(Tensor, Tensor)",
         &gemm_bound);
   m.def("topk_indices(Tensor choice, int k) -> Tensor", &topk_indices);
   m.def("direct_blas(bool on) -> bool", &direct_blas);
