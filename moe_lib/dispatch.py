@@ -10,9 +10,11 @@ Three interchangeable paths compute exactly this sum:
 - `dispatch_grouped`: the same sorted layout run by `moe_lib.kernels.expert_swiglu`, forward and
   backward: on the CPU whole experts run concurrently, one per core; elsewhere grouped GEMMs.
 
-Every path takes `(x_TH, indices_TK, weights_TK, experts)`; an index of -1 marks a pair dropped by
-the expert capacity (`apply_capacity`) and contributes nothing. Expert parallelism and the GPU
-path plug in here as further functions of the same signature.
+Every path takes `(x_TH, indices_TK, weights_TK, experts, shared=None)`; an index of -1 marks a pair
+dropped by the expert capacity (`apply_capacity`) and contributes nothing. `shared`, the layer's
+shared expert (an `Expert`) or None, is added to the output: `y + shared(x)` (on the CPU the grouped
+path runs it in the routed experts' call). Expert parallelism and the GPU path plug in here as
+further functions of the same signature.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels, native
-from .experts import RoutedExperts, swiglu
+from .experts import Expert, RoutedExperts, swiglu
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -45,8 +47,12 @@ def apply_capacity(indices_TK: torch.Tensor, n_experts: int, capacity: int) -> t
     return kept_N.view(indices_TK.shape[1], -1).t().contiguous()
 
 
+def _add_shared(y_TH: torch.Tensor, x_TH: torch.Tensor, shared: Expert | None) -> torch.Tensor:
+    return y_TH if shared is None else y_TH + shared(x_TH)
+
+
 def dispatch_loop(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
-                  experts: RoutedExperts) -> torch.Tensor:
+                  experts: RoutedExperts, shared: Expert | None = None) -> torch.Tensor:
     """Reference: for each expert, gather its tokens, run it, add the weighted output back."""
     y_TH = torch.zeros_like(x_TH)
     for e in range(experts.n_experts):
@@ -55,7 +61,7 @@ def dispatch_loop(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torc
             continue
         out_NH = experts.expert_forward(e, x_TH[token_N])
         y_TH = y_TH.index_add(0, token_N, out_NH * weights_TK[token_N, slot_N, None])
-    return y_TH
+    return _add_shared(y_TH, x_TH, shared)
 
 
 class SortedPairs(NamedTuple):
@@ -89,7 +95,7 @@ def sort_by_expert(indices_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts
 
 
 def dispatch_sorted(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
-                    experts: RoutedExperts) -> torch.Tensor:
+                    experts: RoutedExperts, shared: Expert | None = None) -> torch.Tensor:
     """Sorted: one gather, one contiguous slice per expert, one scatter-add."""
     pairs = sort_by_expert(indices_TK, weights_TK, experts.n_experts)
     x_NH = x_TH.index_select(0, pairs.token_N)  # index_select: far faster than x[idx] on CPU
@@ -99,21 +105,23 @@ def dispatch_sorted(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: to
     gate_up_E, down_E = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
     out_NH = torch.cat([swiglu(chunk, gate_up_E[e], down_E[e]) for e, chunk in enumerate(chunks)])
     weighted_NH = out_NH * pairs.weight_N.unsqueeze(-1)
-    return torch.zeros_like(x_TH).index_add(0, pairs.token_N, weighted_NH)
+    return _add_shared(torch.zeros_like(x_TH).index_add(0, pairs.token_N, weighted_NH), x_TH, shared)
 
 
 def dispatch_grouped(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
-                     experts: RoutedExperts) -> torch.Tensor:
+                     experts: RoutedExperts, shared: Expert | None = None) -> torch.Tensor:
     """The sorted layout run by `kernels.expert_swiglu`: on the CPU each expert's whole SwiGLU is
-    one task and the cores run different experts at once; elsewhere one grouped GEMM per product.
-    The combine is a gather-and-sum over each token's K sorted rows, no scatter."""
+    one task and the cores run different experts at once, the shared expert's blocks among them;
+    elsewhere one grouped GEMM per product. The combine is a gather-and-sum over each token's K
+    sorted rows (plus its shared row), no scatter."""
     if x_TH.is_cuda:  # the GPU path keeps the tokens per expert on the device: no host sync
         from .gpu.grouped import dispatch_device, supports
         if supports(x_TH, experts):
-            return dispatch_device(x_TH, indices_TK, weights_TK, experts)
+            return _add_shared(dispatch_device(x_TH, indices_TK, weights_TK, experts), x_TH, shared)
     pairs = sort_by_expert(indices_TK, weights_TK, experts.n_experts)
     return kernels.expert_swiglu(x_TH, experts.gate_up_proj, experts.down_proj, pairs.counts_E.tolist(),
-                                 pairs.weight_N, pairs.token_N, pairs.position_TK)
+                                 pairs.weight_N, pairs.token_N, pairs.position_TK,
+                                 None if shared is None else shared.stacked_weights())
 
 
 DISPATCH: dict[str, Callable[..., torch.Tensor]] = {

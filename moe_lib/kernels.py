@@ -467,25 +467,36 @@ class ExpertSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TH, weight_N, gate_up_EFH, down_EHI, plan: RowPlan, training: bool | None = None):
+    def forward(ctx, x_TH, weight_N, gate_up_EFH, down_EHI, plan: RowPlan, training: bool | None = None,
+                shared_gate_up_1FH=None, shared_down_1HI=None, shared_plan: RowPlan | None = None):
         d_expert, n_rows = down_EHI.shape[-1], plan.n_rows
-        ctx.plan = plan
+        ctx.plan, ctx.shared_plan = plan, shared_plan
         # whether a backward may follow (the caller's grad mode: inside forward it is always off,
         # and needs_input_grad ignores it); without one the C++ tasks keep no [N, 2I] product and
         # reuse a per-thread buffer that stays in cache
-        ctx.training = any(ctx.needs_input_grad[:4]) if training is None else training
+        needs = ctx.needs_input_grad
+        ctx.training = any(needs[:4] + needs[6:8]) if training is None else training
         # the same tasks run from C++ (moe_lib.native); kept for the backward, which runs the same
         # kernels even if they are switched off in between
         ctx.ops = _native_ops(x_TH, plan)
+        if shared_plan is not None and (ctx.ops is None or plan.position_TK is None
+                                        or _native_ops(x_TH, shared_plan) is None):
+            raise ValueError("the shared expert runs in the routed experts' call only in the C++ tasks plan "
+                             "with position_TK (see fused_shared)")
         if ctx.ops is not None:
             ctx.blocks = _block_table(plan)
-            # with position_TK the C++ op also sums each token's rows (as _combine does)
-            out_TH, gate_up_NF = ctx.ops.swiglu_forward(
+            ctx.shared_blocks = None if shared_plan is None else _block_table(shared_plan)
+            shared = (() if shared_plan is None else
+                      (shared_gate_up_1FH.contiguous(), shared_down_1HI.contiguous(), ctx.shared_blocks))
+            # with position_TK the C++ op also sums each token's rows (as _combine does), and adds the
+            # shared expert's row to each token's sum
+            out_TH, gate_up_NF, shared_gate_up_TF = ctx.ops.swiglu_forward(
                 x_TH.contiguous(), plan.token_N, None if weight_N is None else weight_N.contiguous(),
                 gate_up_EFH.contiguous(), down_EHI.contiguous(), ctx.blocks, n_rows,
                 None if plan.position_TK is None else plan.position_TK.contiguous(), ctx.training,
-                not plan.inline)
-            ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF)
+                not (plan.inline and (shared_plan is None or shared_plan.inline)), *shared)
+            ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF, shared_gate_up_1FH,
+                                  shared_down_1HI, shared_gate_up_TF)
             return out_TH
         gate_up_NF = x_TH.new_empty(n_rows, 2 * d_expert)
         out_NH = _row_buffer(x_TH, plan)
@@ -497,26 +508,36 @@ class ExpertSwiGLU(torch.autograd.Function):
             _nt(h_nI, down_EHI, block, plan, out_NH[rows])
 
         run_tasks(task, plan.blocks, plan.inline)
-        ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF)
+        ctx.save_for_backward(x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF, None, None, None)
         return _combine(out_NH, plan)
 
     @staticmethod
     def backward(ctx, grad_TH):
-        x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF = ctx.saved_tensors
+        (x_TH, weight_N, gate_up_EFH, down_EHI, gate_up_NF, shared_gate_up_1FH, shared_down_1HI,
+         shared_gate_up_TF) = ctx.saved_tensors
         plan: RowPlan = ctx.plan
+        shared_plan: RowPlan | None = ctx.shared_plan
         grad_TH = grad_TH.contiguous()  # the gradient of a sum arrives expanded; grouped_mm needs strides
         need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        need_shared_gate_up, need_shared_down = (ctx.needs_input_grad + (False,) * 8)[6:8]
         if ctx.ops is not None:  # unrequested gradients come back empty
-            grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI = ctx.ops.swiglu_backward(
-                grad_TH, x_TH.contiguous(), plan.token_N,
-                None if weight_N is None else weight_N.contiguous(), gate_up_EFH.contiguous(),
-                down_EHI.contiguous(), gate_up_NF, ctx.blocks, plan.n_rows, plan.n_slots,
-                None if plan.position_TK is None else plan.position_TK.contiguous(), need_x, need_w,
-                need_gate_up, need_down, not plan.inline)
-            # with position_TK the C++ op has summed each token's rows of dx already
-            return _finish_backward(plan, grad_x_NH if need_x else None, grad_w_N if need_w else None,
-                                    grad_gate_up_SFH if need_gate_up else None,
-                                    grad_down_SHI if need_down else None, combined=True)
+            shared = (() if shared_plan is None else
+                      (shared_gate_up_1FH.contiguous(), shared_down_1HI.contiguous(), shared_gate_up_TF,
+                       ctx.shared_blocks, shared_plan.n_slots, need_shared_gate_up, need_shared_down))
+            grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI, grad_shared_gate_up, grad_shared_down = (
+                ctx.ops.swiglu_backward(
+                    grad_TH, x_TH.contiguous(), plan.token_N,
+                    None if weight_N is None else weight_N.contiguous(), gate_up_EFH.contiguous(),
+                    down_EHI.contiguous(), gate_up_NF, ctx.blocks, plan.n_rows, plan.n_slots,
+                    None if plan.position_TK is None else plan.position_TK.contiguous(), need_x, need_w,
+                    need_gate_up, need_down,
+                    not (plan.inline and (shared_plan is None or shared_plan.inline)), *shared))
+            # with position_TK the C++ op has summed each token's rows of dx (and the shared expert's
+            # dx) already, and each weight gradient comes per expert (split experts' partials added)
+            return (grad_x_NH if need_x else None, grad_w_N if need_w else None,
+                    grad_gate_up_SFH if need_gate_up else None, grad_down_SHI if need_down else None,
+                    None, None, grad_shared_gate_up if need_shared_gate_up else None,
+                    grad_shared_down if need_shared_down else None, None)
         d_expert = down_EHI.shape[-1]
         grad_x_NH = _row_buffer(x_TH, plan) if need_x else None
         grad_w_N = weight_N.new_empty(plan.n_rows) if need_w else None
@@ -551,23 +572,25 @@ class ExpertSwiGLU(torch.autograd.Function):
                                 grad_down_SHI if need_down else None)
 
 
-def _finish_backward(plan: RowPlan, grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI,
-                     combined: bool = False) -> tuple:
+def _finish_backward(plan: RowPlan, grad_x_NH, grad_w_N, grad_gate_up_SFH, grad_down_SHI) -> tuple:
     """Adds split experts' partial weight gradients into their own slots, zeroes those of experts
-    without rows, and sums each token's rows of dx (unless `combined`: summed already)."""
-    n_experts = len(plan.counts_E)
-    for grad_SOK in (grad_gate_up_SFH, grad_down_SHI):
-        if grad_SOK is None:
-            continue
-        for e, first, stop in plan.partials:
-            grad_SOK[e] += grad_SOK[first:stop].sum(dim=0)
-        for e, count in enumerate(plan.counts_E):
-            if count == 0:
-                grad_SOK[e].zero_()
-    grad_x = grad_x_NH if grad_x_NH is None or combined else _combine(grad_x_NH, plan)
-    return (grad_x, grad_w_N,
-            None if grad_gate_up_SFH is None else grad_gate_up_SFH[:n_experts],
-            None if grad_down_SHI is None else grad_down_SHI[:n_experts], None, None)
+    without rows (as the C++ backward does), and sums each token's rows of dx."""
+    grad_x = grad_x_NH if grad_x_NH is None else _combine(grad_x_NH, plan)
+    return (grad_x, grad_w_N, _reduce_slots(plan, grad_gate_up_SFH), _reduce_slots(plan, grad_down_SHI),
+            None, None)
+
+
+def _reduce_slots(plan: RowPlan, grad_SOK: torch.Tensor | None) -> torch.Tensor | None:
+    """A weight gradient per slot -> per expert: split experts' partial sums added into their own
+    slots, experts without rows zeroed."""
+    if grad_SOK is None:
+        return None
+    for e, first, stop in plan.partials:
+        grad_SOK[e] += grad_SOK[first:stop].sum(dim=0)
+    for e, count in enumerate(plan.counts_E):
+        if count == 0:
+            grad_SOK[e].zero_()
+    return grad_SOK[:len(plan.counts_E)]
 
 
 def _native_ops(x_TH: torch.Tensor, plan: RowPlan):
@@ -612,11 +635,36 @@ def _combine(rows_NH: torch.Tensor, plan: RowPlan) -> torch.Tensor:
 def expert_swiglu(x_TH: torch.Tensor, gate_up_EFH: torch.Tensor, down_EHI: torch.Tensor,
                   counts_E: list[int], weight_N: torch.Tensor | None = None,
                   token_N: torch.Tensor | None = None,
-                  position_TK: torch.Tensor | None = None) -> torch.Tensor:
+                  position_TK: torch.Tensor | None = None,
+                  shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """SwiGLU experts on rows sorted by expert (`ExpertSwiGLU`): counts_E rows per expert, row n
     reading x[token_N[n]] (x's own rows when None) and scaled by weight_N[n] (1 when None); the
-    output sums the rows position_TK[t] into row t (the rows themselves when None)."""
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x_TH, weight_N, gate_up_EFH, down_EHI))
+    output sums the rows position_TK[t] into row t (the rows themselves when None).
+
+    shared: a shared expert's (gate_up [1, 2I_s, H], down [1, H, I_s]) run on every row of x and
+    added to the output (y + shared(x)): in the same C++ call as the routed experts where
+    `fused_shared` allows (its blocks fill the routed blocks' tail, its rows are added in the
+    combine), else as a second call and an add."""
+    leaves = (x_TH, weight_N, gate_up_EFH, down_EHI) + (() if shared is None else shared)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     plan = plan_rows(counts_E, token_N, position_TK, x_TH, down_EHI.shape[-1], training)
-    return ExpertSwiGLU.apply(x_TH, weight_N, gate_up_EFH, down_EHI, plan, training)
+    if shared is None:
+        return ExpertSwiGLU.apply(x_TH, weight_N, gate_up_EFH, down_EHI, plan, training)
+    shared_plan = plan_rows([x_TH.shape[0]], None, None, x_TH, shared[1].shape[-1], training)
+    if fused_shared(x_TH, plan, shared_plan):
+        return ExpertSwiGLU.apply(x_TH, weight_N, gate_up_EFH, down_EHI, plan, training, *shared, shared_plan)
+    return (ExpertSwiGLU.apply(x_TH, weight_N, gate_up_EFH, down_EHI, plan, training)
+            + ExpertSwiGLU.apply(x_TH, None, *shared, shared_plan, training))
+
+
+# whether a shared expert may run in the routed experts' C++ call (`fused_shared`): read at import
+# from MOE_LIB_FUSE_SHARED ('0' switches it off, e.g. to compare), or set here
+FUSE_SHARED: bool = os.environ.get("MOE_LIB_FUSE_SHARED", "1") != "0"
+
+
+def fused_shared(x_TH: torch.Tensor, plan: RowPlan, shared_plan: RowPlan) -> bool:
+    """Whether the shared expert runs in the routed experts' call: both plans are C++ tasks (not the
+    grouped plan, not the Python tasks), the routed rows are summed per token (position_TK), there are
+    tokens, and FUSE_SHARED is on."""
+    return (FUSE_SHARED and x_TH.shape[0] > 0 and plan.position_TK is not None
+            and _native_ops(x_TH, plan) is not None and _native_ops(x_TH, shared_plan) is not None)

@@ -69,10 +69,9 @@ class DeepSeekMoE(nn.Module):
             capacity = expert_capacity(x_TH.shape[0], self.cfg.top_k, self.cfg.n_routed,
                                        self.cfg.capacity_factor)
             indices_TK = apply_capacity(indices_TK, self.cfg.n_routed, capacity)
+        # routed experts plus the shared expert: y + shared(x)
         y_TH = DISPATCH[self.cfg.dispatch](x_TH, indices_TK, routing.weights.to(x.dtype),
-                                           self.experts)
-        if self.shared_experts is not None:
-            y_TH = y_TH + self.shared_experts(x_TH)
+                                           self.experts, self.shared_experts)
         if x_TH.shape[0] == 0:  # no tokens: adding the empty input keeps the output in the graph
             y_TH = y_TH + x_TH
         self._record(routing, indices_TK)

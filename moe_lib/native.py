@@ -15,6 +15,10 @@ gradients, dx) come from a pool of buffers they keep: freed, a buffer waits for 
 same shape instead of going back to the system, which saves the page faults of a fresh mapping
 (about 15% of a forward+backward at d_model 512). At most `MOE_LIB_POOL_MB` (default 1024) MB wait
 in the pool; `release_pool()` frees them.
+
+The shared expert, given with the routed experts' plan, runs in the same call as one more job
+(`moe_lib.kernels.FUSE_SHARED`, from `MOE_LIB_FUSE_SHARED`, '0' runs it as a call of its own), and
+the backward returns one weight gradient per expert, split experts' partial gradients added in C++.
 """
 
 from __future__ import annotations

@@ -253,11 +253,11 @@ def test_combined_rows_equal_embedding_bag(ops):
     x, gate_up, down, pairs = routed()
     plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, 2)
     args = (x, pairs.token_N, pairs.weight_N, gate_up, down, kernels._block_table(plan), plan.n_rows)
-    rows, _ = ops.swiglu_forward(*args, None, False, True)
+    rows, _, _ = ops.swiglu_forward(*args, None, False, True)
     expected = F.embedding_bag(pairs.position_TK, torch.cat([rows, rows.new_zeros(1, rows.shape[1])]),
                                mode="sum")
     for _ in range(2):
-        combined, _ = ops.swiglu_forward(*args, pairs.position_TK, False, True)
+        combined, _, _ = ops.swiglu_forward(*args, pairs.position_TK, False, True)
         assert torch.equal(combined, expected)
     with pytest.raises(RuntimeError, match="out of range"):
         ops.swiglu_forward(*args, pairs.position_TK + 1, False, True)
@@ -269,7 +269,7 @@ def test_backward_sums_each_tokens_rows_of_dx_as_embedding_bag(ops):
     x, gate_up, down, pairs = routed()
     plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, 2)
     blocks = kernels._block_table(plan)
-    _, gu = ops.swiglu_forward(x, pairs.token_N, pairs.weight_N, gate_up, down, blocks, plan.n_rows,
+    _, gu, _ = ops.swiglu_forward(x, pairs.token_N, pairs.weight_N, gate_up, down, blocks, plan.n_rows,
                                pairs.position_TK, True, True)
     grad = torch.randn_like(x)
 
@@ -387,3 +387,80 @@ def test_pool_cap_from_the_environment(ops):
         outputs.append(done.stdout.split())
     assert outputs[0][0] == "0" and int(outputs[1][0]) > 0
     assert outputs[0][1] == outputs[1][1]
+
+
+def _with_shared(fused: bool, threads: int, x, gate_up, down, pairs, shared, grad_y):
+    """expert_swiglu with a shared expert, the shared expert fused into the routed call or not:
+    (y, grads of x, the routing weights, the routed and the shared weights)."""
+    before, fuse_before = torch.get_num_threads(), kernels.FUSE_SHARED
+    torch.set_num_threads(threads)
+    kernels.FUSE_SHARED = fused
+    try:
+        leaves = [t.detach().clone().requires_grad_() for t in (x, pairs.weight_N, gate_up, down, *shared)]
+        y = kernels.expert_swiglu(leaves[0], leaves[2], leaves[3], pairs.counts_E.tolist(), leaves[1],
+                                  pairs.token_N, pairs.position_TK, (leaves[4], leaves[5]))
+        y.backward(grad_y)
+        return [y.detach(), *(t.grad for t in leaves)]
+    finally:
+        torch.set_num_threads(before)
+        kernels.FUSE_SHARED = fuse_before
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_shared_expert_in_the_routed_call_equals_a_separate_call(ops, threads, monkeypatch):
+    """The shared expert's blocks run in the routed experts' C++ call, its rows added last in the
+    combine (forward) and to each token's dx (backward): bitwise the separate call plus an add, every
+    gradient (floating-point addition commutes), tokens with every pair dropped included; and both
+    within float32 rounding of float64."""
+    monkeypatch.setattr(kernels, "FORCE_STRATEGY", "tasks")
+    x, gate_up, down, pairs = routed(n_tokens=900, n_experts=12, top_k=3)
+    indices = torch.rand(900, 12).topk(3, dim=-1).indices
+    indices[:5, 0] = -1
+    indices[5:9] = -1  # tokens without a routed row: their output is the shared row alone
+    pairs = sort_by_expert(indices, torch.rand(900, 3), 12)
+    shared = (torch.randn(1, 192, 64) / 8, torch.randn(1, 64, 96) / 96**0.5)  # I_s = 96, not I = 48
+    grad_y = torch.randn_like(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plan = kernels.plan_rows(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, x, 48, True)
+        shared_plan = kernels.plan_rows([900], None, None, x, 96, True)
+    finally:
+        torch.set_num_threads(before)
+    assert kernels.fused_shared(x, plan, shared_plan)
+    assert threads == 1 or len(shared_plan.blocks) > 1  # split: partial weight gradients are summed
+    fused = _with_shared(True, threads, x, gate_up, down, pairs, shared, grad_y)
+    separate = _with_shared(False, threads, x, gate_up, down, pairs, shared, grad_y)
+    for got, want in zip(fused, separate, strict=True):
+        assert torch.equal(got, want)
+    with native.disabled():  # the Python tasks in float64
+        reference = _with_shared(False, threads, x.double(), gate_up.double(), down.double(),
+                                 pairs._replace(weight_N=pairs.weight_N.double()),
+                                 [t.double() for t in shared], grad_y.double())
+    for got, want in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    assert fused[0][5:9].abs().sum() > 0
+
+
+def test_shared_expert_needs_summed_rows_and_valid_blocks(ops):
+    x, gate_up, down, pairs = routed(n_tokens=64, n_experts=4, top_k=2)
+    plan = kernels.task_plan(pairs.counts_E.tolist(), pairs.token_N, pairs.position_TK, 2)
+    args = (x, pairs.token_N, pairs.weight_N, gate_up, down, kernels._block_table(plan), plan.n_rows)
+    shared_gate_up, shared_down = torch.randn(1, 32, 64), torch.randn(1, 64, 16)
+    whole = torch.tensor([[0, 0, 64, 0]])
+    with pytest.raises(RuntimeError, match="only with position"):
+        ops.swiglu_forward(*args, None, False, True, shared_gate_up, shared_down, whole)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.swiglu_forward(*args, pairs.position_TK, False, True, shared_gate_up, shared_down,
+                           torch.tensor([[0, 0, 65, 0]]))
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.swiglu_forward(*args, pairs.position_TK, False, True, shared_gate_up, torch.randn(1, 64, 8),
+                           whole)
+    with pytest.raises(RuntimeError, match="needs shared_gate_up"):
+        ops.swiglu_forward(*args, pairs.position_TK, False, True, shared_gate_up)
+    with pytest.raises(RuntimeError, match="out of range"):  # routed blocks are checked too
+        ops.swiglu_forward(x, pairs.token_N, pairs.weight_N, gate_up, down, torch.tensor([[4, 0, 1, 0]]),
+                           plan.n_rows, pairs.position_TK, False, True)
+    with pytest.raises(ValueError, match="shared expert runs in the routed"):
+        kernels.ExpertSwiGLU.apply(x, pairs.weight_N, gate_up, down, plan._replace(position_TK=None), False,
+                                   shared_gate_up, shared_down, kernels.task_plan([64], None, None, 2))

@@ -36,6 +36,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -343,19 +344,17 @@ int64_t max_rows(const std::vector<Block>& blocks) {
   return most;
 }
 
-// Runs body(block) for every block: on the intra-op threads (OpenMP: this file must be compiled with
-// -fopenmp, or at::parallel_for runs serially), each taking the next block from a shared counter;
-// on the calling thread alone when `parallel` is false. Inside the parallel region at::mm runs on
-// one thread.
+// Runs body(i) for i in [0, n): on the intra-op threads (OpenMP: this file must be compiled with
+// -fopenmp, or at::parallel_for runs serially), each taking the next i from a shared counter; on the
+// calling thread alone when `parallel` is false. Inside the parallel region at::mm runs on one thread.
 template <typename F>
-void run_blocks(const std::vector<Block>& blocks, bool parallel, F&& body) {
+void run_jobs(int64_t n, bool parallel, F&& body) {
   std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(blocks.size());
   const at::ThreadLocalState caller;  // grad and inference modes: OpenMP's workers do not inherit them
   auto drain = [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard same_modes(caller);
     for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t i = next++; i < n; i = next++) body(blocks[i]);
+      for (int64_t i = next++; i < n; i = next++) body(i);
     }
   };
   const int64_t workers = parallel ? std::min<int64_t>(at::get_num_threads(), n) : 1;
@@ -363,6 +362,53 @@ void run_blocks(const std::vector<Block>& blocks, bool parallel, F&& body) {
     drain(0, 1);
   } else {
     at::parallel_for(0, workers, 1, drain);
+  }
+}
+
+// body(block) for every block, in their order (largest first, as the Python plan orders them)
+template <typename F>
+void run_blocks(const std::vector<Block>& blocks, bool parallel, F&& body) {
+  run_jobs(static_cast<int64_t>(blocks.size()), parallel, [&](int64_t i) { body(blocks[i]); });
+}
+
+// The experts one op call runs: the routed experts (set 0: row n reads x[token[n]], scaled by w[n])
+// and, optionally, the shared expert (set 1: rows of x in place, weight 1, its blocks over the tokens).
+// Running both in one parallel region lets the shared expert's blocks fill the routed ones' tail,
+// and the combine adds its rows to each token's sum (no separate call, add or dx accumulation).
+struct Set {
+  const float* gate_up;
+  const float* down;
+  int64_t I;
+  const int64_t* token;
+  const float* w;
+  std::vector<Block> blocks;
+  int64_t most;
+};
+
+struct Job {
+  int set;
+  const Block* block;
+};
+
+// every block of every set, the largest (rows x I) first, the routed blocks first among equals
+std::vector<Job> jobs_of(const std::vector<Set>& sets) {
+  std::vector<Job> jobs;
+  for (int s = 0; s < static_cast<int>(sets.size()); ++s) {
+    for (const auto& b : sets[s].blocks) jobs.push_back({s, &b});
+  }
+  std::stable_sort(jobs.begin(), jobs.end(), [&](const Job& a, const Job& b) {
+    return (a.block->stop - a.block->start) * sets[a.set].I > (b.block->stop - b.block->start) * sets[b.set].I;
+  });
+  return jobs;
+}
+
+// blocks of rows within [0, n_rows), experts within [0, E), slots within [0, n_slots) when n_slots > 0
+void check_blocks(const std::vector<Block>& blocks, int64_t E, int64_t n_rows, int64_t n_slots) {
+  for (const auto& b : blocks) {
+    TORCH_CHECK(b.expert >= 0 && b.expert < E && b.start >= 0 && b.start <= b.stop && b.stop <= n_rows &&
+                    b.slot >= 0 && (n_slots <= 0 || b.slot < n_slots),
+                "block (", b.expert, ", ", b.start, ", ", b.stop, ", ", b.slot, ") out of range: ", E,
+                " experts, ", n_rows, " rows", n_slots > 0 ? ", slots " + std::to_string(n_slots) : std::string());
   }
 }
 
@@ -401,16 +447,19 @@ void check_positions(const at::Tensor& position, int64_t n_rows) {
 // thread from call to call (forward and backward take turns with it). A fresh tensor each call is a
 // fresh mmap of tens of MB whose pages fault in on first touch: 11 ms per forward for the 48 MB of
 // the d_model 512 layer at 4096 tokens, against 1 ms to rewrite a reused buffer.
-at::Tensor kept_rows(int64_t n_rows, int64_t H) {
-  thread_local at::Tensor rows;
-  ensure_scratch(rows, std::max<int64_t>(n_rows, 1), H, at::TensorOptions().dtype(at::kFloat));
-  return rows;
+// `which`: 0 the routed rows, 1 the shared expert's rows (summed into the same tokens' outputs).
+at::Tensor kept_rows(int64_t n_rows, int64_t H, int which = 0) {
+  thread_local at::Tensor rows[2];
+  ensure_scratch(rows[which], std::max<int64_t>(n_rows, 1), H, at::TensorOptions().dtype(at::kFloat));
+  return rows[which];
 }
 
 // y[t] = sum over k of rows[position[t, k]], position N (a dropped pair) adding nothing: in the
 // order and float32 arithmetic of F.embedding_bag(position, rows, mode="sum") with a zero row N, so
-// the same bits (up to the sign of a zero sum)
-at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& position, int64_t n_rows) {
+// the same bits (up to the sign of a zero sum). With `extra` ([T, H], the shared expert's rows),
+// extra[t] is added last, as `y + shared(x)` would add it.
+at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& position, int64_t n_rows,
+                        const float* extra = nullptr) {
   const int64_t T = position.size(0), K = position.size(1), H = rows.size(1);
   at::Tensor y = pooled_empty({T, H});
   const int64_t* pos = position.data_ptr<int64_t>();
@@ -432,103 +481,208 @@ at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& position, int6
           for (int64_t h = 0; h < H; ++h) yt[h] += row[h];
         }
       }
-      if (empty) std::memset(yt, 0, H * sizeof(float));
+      if (extra) {
+        const float* et = extra + t * H;
+        if (empty) {
+          std::memcpy(yt, et, H * sizeof(float));
+        } else {
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) yt[h] += et[h];
+        }
+      } else if (empty) {
+        std::memset(yt, 0, H * sizeof(float));
+      }
     }
   });
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_forward(const at::Tensor& x, const std::optional<at::Tensor>& token,
-                                                  const std::optional<at::Tensor>& weight,
-                                                  const at::Tensor& gate_up, const at::Tensor& down,
-                                                  const at::Tensor& blocks_t, int64_t n_rows,
-                                                  const std::optional<at::Tensor>& position, bool save,
-                                                  bool parallel) {
-  check_inputs(x, token, weight, gate_up, down, n_rows);
-  const int64_t H = x.size(1), I = down.size(2);
-  const auto blocks = read_blocks(blocks_t);
-  const int64_t most = max_rows(blocks);
-  if (position) check_positions(*position, n_rows);
-  // with `position` the rows are summed per token before returning (kept_rows)
-  at::Tensor out = position ? kept_rows(n_rows, H) : pooled_empty({n_rows, H});
-  at::Tensor gu_all = save ? pooled_empty({n_rows, 2 * I}) : at::Tensor();
-  const int64_t* tok = token ? token->data_ptr<int64_t>() : nullptr;
-  const float* w = weight ? weight->data_ptr<float>() : nullptr;
-  const float* gate_up_w = gate_up.data_ptr<float>();
-  const float* down_w = down.data_ptr<float>();
-  at::NoGradGuard no_grad;
-  // per-thread scratch: gathered rows, the gate/up product when it is not saved, the activation
-  run_blocks(blocks, parallel, [&](const Block& b) {
-    thread_local at::Tensor xs, gu_buf, h;
-    const int64_t n = b.stop - b.start;
-    if (tok) ensure_scratch(xs, most, H, x.options());
-    if (!save) ensure_scratch(gu_buf, most, 2 * I, x.options());
-    ensure_scratch(h, most, I, x.options());
-    const float* xr = rows_of(x, tok, b.start, n, xs);
-    float* gu = save ? gu_all.data_ptr<float>() + b.start * 2 * I : gu_buf.data_ptr<float>();
-    float* hr = h.data_ptr<float>();
-    gemm(gu, 2 * I, n, 2 * I, H, {xr, H, 1}, {gate_up_w + b.expert * 2 * I * H, 1, H});
-    act_forward(gu, hr, w ? w + b.start : nullptr, n, I);
-    gemm(out.data_ptr<float>() + b.start * H, H, n, H, I, {hr, I, 1}, {down_w + b.expert * H * I, 1, I});
-  });
-  at::Tensor result = position ? combine_rows(out, *position, n_rows) : out;
-  return {result, save ? gu_all : at::empty({0}, x.options())};
+// The shared expert's weights and blocks, checked against x [T, H]: gate_up [1, 2I_s, H], down
+// [1, H, I_s], blocks over the T rows of x (expert 0). It runs in the routed experts' call only when
+// their rows are summed per token (`position`), its rows added to each token's sum.
+Set shared_set(const at::Tensor& x, const std::optional<at::Tensor>& position, const std::optional<at::Tensor>& gate_up,
+               const std::optional<at::Tensor>& down, const std::optional<at::Tensor>& blocks, int64_t n_slots) {
+  TORCH_CHECK(gate_up && down && blocks, "the shared expert needs shared_gate_up, shared_down and shared_blocks");
+  TORCH_CHECK(position, "the shared expert runs in the routed call only with position (its rows are summed in)");
+  for (const auto* t : {&*gate_up, &*down}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 &&
+                    t->size(0) == 1,
+                "the shared expert's weights must be contiguous float32 CPU tensors [1, 2I, H] and [1, H, I]");
+  }
+  TORCH_CHECK(gate_up->size(2) == x.size(1) && down->size(1) == x.size(1) && gate_up->size(1) == 2 * down->size(2),
+              "shared gate_up [1, 2I, H] and down [1, H, I] do not match x [T, H]");
+  Set set{gate_up->data_ptr<float>(), down->data_ptr<float>(), down->size(2), nullptr, nullptr, read_blocks(*blocks), 1};
+  check_blocks(set.blocks, 1, x.size(0), n_slots);
+  set.most = max_rows(set.blocks);
+  return set;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& token, const std::optional<at::Tensor>& weight,
+    const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& blocks_t, int64_t n_rows,
+    const std::optional<at::Tensor>& position, bool save, bool parallel,
+    const std::optional<at::Tensor>& shared_gate_up, const std::optional<at::Tensor>& shared_down,
+    const std::optional<at::Tensor>& shared_blocks) {
+  check_inputs(x, token, weight, gate_up, down, n_rows);
+  const int64_t H = x.size(1);
+  std::vector<Set> sets{{gate_up.data_ptr<float>(), down.data_ptr<float>(), down.size(2),
+                         token ? token->data_ptr<int64_t>() : nullptr, weight ? weight->data_ptr<float>() : nullptr,
+                         read_blocks(blocks_t), 1}};
+  check_blocks(sets[0].blocks, gate_up.size(0), n_rows, 0);
+  sets[0].most = max_rows(sets[0].blocks);
+  const bool shared = shared_gate_up || shared_down || shared_blocks;
+  if (shared) sets.push_back(shared_set(x, position, shared_gate_up, shared_down, shared_blocks, 0));
+  if (position) check_positions(*position, n_rows);
+  // rows of each set: with `position` summed per token before returning (kept_rows); the gate/up
+  // products are saved for the backward when `save`
+  at::Tensor out[2], gu_all[2];
+  for (size_t s = 0; s < sets.size(); ++s) {
+    const int64_t rows = s == 0 ? n_rows : x.size(0);
+    out[s] = position ? kept_rows(rows, H, static_cast<int>(s)) : pooled_empty({rows, H});
+    gu_all[s] = save ? pooled_empty({rows, 2 * sets[s].I}) : at::empty({0}, x.options());
+  }
+  const auto jobs = jobs_of(sets);
+  at::NoGradGuard no_grad;
+  // per-thread scratch: gathered rows, the gate/up product when it is not saved, the activation
+  run_jobs(static_cast<int64_t>(jobs.size()), parallel, [&](int64_t j) {
+    thread_local at::Tensor xs, gu_buf[2], h[2];
+    const int s = jobs[j].set;
+    const Set& set = sets[s];
+    const Block& b = *jobs[j].block;
+    const int64_t n = b.stop - b.start, I = set.I;
+    if (set.token) ensure_scratch(xs, set.most, H, x.options());
+    if (!save) ensure_scratch(gu_buf[s], set.most, 2 * I, x.options());
+    ensure_scratch(h[s], set.most, I, x.options());
+    const float* xr = set.token ? rows_of(x, set.token, b.start, n, xs) : x.data_ptr<float>() + b.start * H;
+    float* gu = save ? gu_all[s].data_ptr<float>() + b.start * 2 * I : gu_buf[s].data_ptr<float>();
+    float* hr = h[s].data_ptr<float>();
+    gemm(gu, 2 * I, n, 2 * I, H, {xr, H, 1}, {set.gate_up + b.expert * 2 * I * H, 1, H});
+    act_forward(gu, hr, set.w ? set.w + b.start : nullptr, n, I);
+    gemm(out[s].data_ptr<float>() + b.start * H, H, n, H, I, {hr, I, 1}, {set.down + b.expert * H * I, 1, I});
+  });
+  at::Tensor result = position ? combine_rows(out[0], *position, n_rows, shared ? out[1].data_ptr<float>() : nullptr)
+                               : out[0];
+  return {result, gu_all[0], shared ? gu_all[1] : at::empty({0}, x.options())};
+}
+
+// A weight gradient per slot [S, ...] -> per expert (its first E slots): the partial sums of a split
+// expert (slots beyond E, in its blocks' order) added into its own slot, as
+// grad[e] += grad[first:stop].sum(0) would add them, and zeros for experts without rows.
+void reduce_slots(at::Tensor& grad, const std::vector<Block>& blocks, int64_t E) {
+  if (grad.numel() == 0) return;
+  const int64_t size = grad.numel() / grad.size(0);
+  std::vector<std::vector<int64_t>> extra(E);
+  std::vector<char> has_rows(E, 0);
+  for (const auto& b : blocks) {
+    if (b.stop > b.start) has_rows[b.expert] = 1;
+    if (b.slot != b.expert) extra[b.expert].push_back(b.slot);
+  }
+  float* g = grad.data_ptr<float>();
+  at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      float* ge = g + e * size;
+      if (!has_rows[e]) {
+        std::memset(ge, 0, size * sizeof(float));
+        continue;
+      }
+      auto& slots = extra[e];
+      if (slots.empty()) continue;
+      std::sort(slots.begin(), slots.end());
+      float* first = g + slots[0] * size;  // the sum of the partials, then added to the expert's slot
+      for (size_t i = 1; i < slots.size(); ++i) {
+        const float* p = g + slots[i] * size;
+#pragma omp simd
+        for (int64_t j = 0; j < size; ++j) first[j] += p[j];
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < size; ++j) ge[j] += first[j];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward(
     const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& token,
     const std::optional<at::Tensor>& weight, const at::Tensor& gate_up, const at::Tensor& down,
-    const at::Tensor& gu_all, const at::Tensor& blocks_t, int64_t n_rows, int64_t n_slots,
-    const std::optional<at::Tensor>& position, bool need_x, bool need_w, bool need_gate_up, bool need_down, bool parallel) {
+    const at::Tensor& gu, const at::Tensor& blocks_t, int64_t n_rows, int64_t n_slots,
+    const std::optional<at::Tensor>& position, bool need_x, bool need_w, bool need_gate_up, bool need_down,
+    bool parallel, const std::optional<at::Tensor>& shared_gate_up, const std::optional<at::Tensor>& shared_down,
+    const std::optional<at::Tensor>& shared_gu, const std::optional<at::Tensor>& shared_blocks, int64_t shared_slots,
+    bool need_shared_gate_up, bool need_shared_down) {
   check_inputs(x, token, weight, gate_up, down, n_rows);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == at::kFloat,
               "grad must be a contiguous float32 tensor shaped like x");
-  const int64_t H = x.size(1), I = down.size(2);
-  TORCH_CHECK(gu_all.dim() == 2 && gu_all.size(0) == n_rows && gu_all.size(1) == 2 * I && gu_all.is_contiguous(),
-              "the saved gate/up product must be a contiguous [N, 2I] tensor");
+  const int64_t H = x.size(1);
   need_w = need_w && weight.has_value();
-  const auto blocks = read_blocks(blocks_t);
-  const int64_t most = max_rows(blocks);
+  std::vector<Set> sets{{gate_up.data_ptr<float>(), down.data_ptr<float>(), down.size(2),
+                         token ? token->data_ptr<int64_t>() : nullptr, weight ? weight->data_ptr<float>() : nullptr,
+                         read_blocks(blocks_t), 1}};
+  check_blocks(sets[0].blocks, gate_up.size(0), n_rows, n_slots);
+  sets[0].most = max_rows(sets[0].blocks);
+  const bool shared = shared_gate_up || shared_down || shared_gu || shared_blocks;
+  if (shared) {
+    TORCH_CHECK(shared_gu, "the shared expert's backward needs its saved gate/up product shared_gu");
+    sets.push_back(shared_set(x, position, shared_gate_up, shared_down, shared_blocks, shared_slots));
+  }
+  const at::Tensor* saved[2] = {&gu, shared ? &*shared_gu : nullptr};
+  const bool need_gu[2] = {need_gate_up, shared && need_shared_gate_up};
+  const bool need_dn[2] = {need_down, shared && need_shared_down};
+  const int64_t slots[2] = {n_slots, shared_slots};
   const auto opts = x.options();
   if (position) check_positions(*position, n_rows);
-  // dx per row; with `position` summed per token before returning, so kept as in the forward
-  at::Tensor grad_x = !need_x ? at::empty({0}, opts) : position ? kept_rows(n_rows, H) : pooled_empty({n_rows, H});
+  at::Tensor grad_x[2], grad_gate_up[2], grad_down[2];
+  for (size_t s = 0; s < sets.size(); ++s) {
+    const int64_t rows = s == 0 ? n_rows : x.size(0), I = sets[s].I;
+    TORCH_CHECK(saved[s]->dim() == 2 && saved[s]->size(0) == rows && saved[s]->size(1) == 2 * I &&
+                    saved[s]->is_contiguous() && saved[s]->scalar_type() == at::kFloat,
+                "the saved gate/up product must be a contiguous float32 [N, 2I] tensor");
+    // dx per row; with `position` summed per token before returning, so kept as in the forward
+    grad_x[s] = !need_x ? at::empty({0}, opts) : position ? kept_rows(rows, H, static_cast<int>(s)) : pooled_empty({rows, H});
+    grad_gate_up[s] = need_gu[s] ? pooled_empty({slots[s], 2 * I, H}) : at::empty({0}, opts);
+    grad_down[s] = need_dn[s] ? pooled_empty({slots[s], H, I}) : at::empty({0}, opts);
+  }
   at::Tensor grad_w = need_w ? pooled_empty({n_rows}) : at::empty({0}, opts);
-  at::Tensor grad_gate_up = need_gate_up ? pooled_empty({n_slots, 2 * I, H}) : at::empty({0}, opts);
-  at::Tensor grad_down = need_down ? pooled_empty({n_slots, H, I}) : at::empty({0}, opts);
-  const int64_t* tok = token ? token->data_ptr<int64_t>() : nullptr;
-  const float* w = weight ? weight->data_ptr<float>() : nullptr;
-  const float* gate_up_w = gate_up.data_ptr<float>();
-  const float* down_w = down.data_ptr<float>();
+  const auto jobs = jobs_of(sets);
   at::NoGradGuard no_grad;
-  run_blocks(blocks, parallel, [&](const Block& b) {
-    thread_local at::Tensor dys, xs, dh, dgu, wa;
-    const int64_t n = b.stop - b.start;
-    if (tok) ensure_scratch(dys, most, H, opts);
-    if (tok && need_gate_up) ensure_scratch(xs, most, H, opts);
-    ensure_scratch(dh, most, I, opts);
-    ensure_scratch(dgu, most, 2 * I, opts);
-    ensure_scratch(wa, most, I, opts);
-    const float* dy = rows_of(grad, tok, b.start, n, dys);
-    float *dhr = dh.data_ptr<float>(), *dgur = dgu.data_ptr<float>(), *war = wa.data_ptr<float>();
-    const float* gate_up_e = gate_up_w + b.expert * 2 * I * H;
-    const float* down_e = down_w + b.expert * H * I;
+  run_jobs(static_cast<int64_t>(jobs.size()), parallel, [&](int64_t j) {
+    thread_local at::Tensor dys, xs, dh[2], dgu[2], wa[2];
+    const int s = jobs[j].set;
+    const Set& set = sets[s];
+    const Block& b = *jobs[j].block;
+    const int64_t n = b.stop - b.start, I = set.I;
+    if (set.token) ensure_scratch(dys, set.most, H, opts);
+    if (set.token && need_gu[s]) ensure_scratch(xs, set.most, H, opts);
+    ensure_scratch(dh[s], set.most, I, opts);
+    ensure_scratch(dgu[s], set.most, 2 * I, opts);
+    ensure_scratch(wa[s], set.most, I, opts);
+    const float* dy = set.token ? rows_of(grad, set.token, b.start, n, dys) : grad.data_ptr<float>() + b.start * H;
+    float *dhr = dh[s].data_ptr<float>(), *dgur = dgu[s].data_ptr<float>(), *war = wa[s].data_ptr<float>();
+    const float* gate_up_e = set.gate_up + b.expert * 2 * I * H;
+    const float* down_e = set.down + b.expert * H * I;
     gemm(dhr, I, n, I, H, {dy, H, 1}, {down_e, I, 1});
-    act_backward(gu_all.data_ptr<float>() + b.start * 2 * I, dhr, w ? w + b.start : nullptr, dgur, war,
-                 need_w ? grad_w.data_ptr<float>() + b.start : nullptr, n, I);
-    if (need_down) {  // d down_e = dy^T (w a)
-      gemm(grad_down.data_ptr<float>() + b.slot * H * I, I, H, I, n, {dy, 1, H}, {war, I, 1});
+    act_backward(saved[s]->data_ptr<float>() + b.start * 2 * I, dhr, set.w ? set.w + b.start : nullptr, dgur, war,
+                 s == 0 && need_w ? grad_w.data_ptr<float>() + b.start : nullptr, n, I);
+    if (need_dn[s]) {  // d down_e = dy^T (w a)
+      gemm(grad_down[s].data_ptr<float>() + b.slot * H * I, I, H, I, n, {dy, 1, H}, {war, I, 1});
     }
     if (need_x) {  // dx = [dg, du] gate_up_e
-      gemm(grad_x.data_ptr<float>() + b.start * H, H, n, H, 2 * I, {dgur, 2 * I, 1}, {gate_up_e, H, 1});
+      gemm(grad_x[s].data_ptr<float>() + b.start * H, H, n, H, 2 * I, {dgur, 2 * I, 1}, {gate_up_e, H, 1});
     }
-    if (need_gate_up) {  // d gate_up_e = [dg, du]^T x
-      const float* xr = rows_of(x, tok, b.start, n, xs);
-      gemm(grad_gate_up.data_ptr<float>() + b.slot * 2 * I * H, H, 2 * I, H, n, {dgur, 1, 2 * I}, {xr, H, 1});
+    if (need_gu[s]) {  // d gate_up_e = [dg, du]^T x
+      const float* xr = set.token ? rows_of(x, set.token, b.start, n, xs) : x.data_ptr<float>() + b.start * H;
+      gemm(grad_gate_up[s].data_ptr<float>() + b.slot * 2 * I * H, H, 2 * I, H, n, {dgur, 1, 2 * I}, {xr, H, 1});
     }
   });
-  if (need_x && position) grad_x = combine_rows(grad_x, *position, n_rows);
-  return {grad_x, grad_w, grad_gate_up, grad_down};
+  for (size_t s = 0; s < sets.size(); ++s) {  // per expert: split experts' partial sums added in
+    const int64_t E = s == 0 ? gate_up.size(0) : 1;
+    reduce_slots(grad_gate_up[s], sets[s].blocks, E);
+    reduce_slots(grad_down[s], sets[s].blocks, E);
+    if (grad_gate_up[s].numel()) grad_gate_up[s] = grad_gate_up[s].narrow(0, 0, E);
+    if (grad_down[s].numel()) grad_down[s] = grad_down[s].narrow(0, 0, E);
+  }
+  at::Tensor dx = grad_x[0];
+  if (need_x && position) dx = combine_rows(grad_x[0], *position, n_rows, shared ? grad_x[1].data_ptr<float>() : nullptr);
+  const at::Tensor none = at::empty({0}, opts);
+  return {dx, grad_w, grad_gate_up[0], grad_down[0], shared ? grad_gate_up[1] : none, shared ? grad_down[1] : none};
 }
 
 // The GEMMs of swiglu_forward (and with `backward`, of swiglu_backward too) alone, for a benchmark's
@@ -543,6 +697,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_bound(const at::Tensor& x, const at::Ten
   check_inputs(x, std::nullopt, std::nullopt, gate_up, down, x.size(0));
   const int64_t H = x.size(1), I = down.size(2);
   const auto blocks = read_blocks(blocks_t);
+  check_blocks(blocks, gate_up.size(0), x.size(0), 0);
   const int64_t most = max_rows(blocks);
   const auto opts = x.options();
   const float* xp = x.data_ptr<float>();
@@ -720,11 +875,14 @@ bool direct_blas(bool on) { return direct_blas_on.exchange(on); }
 
 TORCH_LIBRARY(moe_lib_cpu, m) {
   m.def("swiglu_forward(Tensor x, Tensor? token, Tensor? weight, Tensor gate_up, Tensor down, Tensor blocks, "
-        "int n_rows, Tensor? position, bool save, bool parallel) -> (Tensor, Tensor)",
+        "int n_rows, Tensor? position, bool save, bool parallel, Tensor? shared_gate_up=None, "
+        "Tensor? shared_down=None, Tensor? shared_blocks=None) -> (Tensor, Tensor, Tensor)",
         &swiglu_forward);
   m.def("swiglu_backward(Tensor grad, Tensor x, Tensor? token, Tensor? weight, Tensor gate_up, Tensor down, "
         "Tensor gu, Tensor blocks, int n_rows, int n_slots, Tensor? position, bool need_x, bool need_w, "
-        "bool need_gate_up, bool need_down, bool parallel) -> (Tensor, Tensor, Tensor, Tensor)",
+        "bool need_gate_up, bool need_down, bool parallel, Tensor? shared_gate_up=None, Tensor? shared_down=None, "
+        "Tensor? shared_gu=None, Tensor? shared_blocks=None, int shared_slots=0, bool need_shared_gate_up=False, "
+        "bool need_shared_down=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         &swiglu_backward);
   m.def("swiglu_act(Tensor gu, Tensor? weight) -> Tensor", &swiglu_act);
   m.def("gemm_bound(Tensor x, Tensor gate_up, Tensor down, Tensor blocks, bool backward, bool parallel) -> "
