@@ -42,3 +42,19 @@ def test_bench_cpu_tiny_shape_both_levels(tmp_path, capsys, monkeypatch):
     table = markdown(report)
     assert f"| {DEFAULT_PATH} (default) |" in table and "| 64 tokens, H 32, I 16 |" in table
     assert "wrote" in capsys.readouterr().out
+
+
+def test_time_rounds_takes_a_self_timed_tasks_own_time():
+    """A task that returns a number (the balancing update, timed after an untimed forward+backward)
+    counts that number, not the closure's whole time; the others are timed around the call."""
+    import time
+
+    from moe_lib.bench.cpu import time_rounds
+
+    def slow_but_self_timed():
+        time.sleep(0.02)
+        return 0.001
+
+    times = time_rounds({"own": slow_but_self_timed, "plain": lambda: time.sleep(0.01)}, reps=3, warmup=1)
+    assert times["own"] == [0.001] * 3
+    assert len(times["plain"]) == 3 and min(times["plain"]) >= 0.01

@@ -18,7 +18,10 @@ machine hits them all alike; we report medians after warm-up rounds.
   transformers implementation is the most the target can get by removing overhead (where it is
   under 1.3x, only faster GEMMs can reach it), and our path's "% of bound" is how close it comes.
 - balancing: the loss-free update of one training step (load accumulation and
-  `balance.update_bias`), as a share of our default path's forward+backward.
+  `balance.update_bias`), as a share of our default path's forward+backward, timed where a
+  training step runs it: right after that forward+backward (untimed), not after whichever task
+  the rotation put before it (a 0.05 ms update measured 0.7-1.7 ms there, in caches and threads
+  another implementation had left cold).
 FLOPs are `accounting.moe_flops_per_token` (2 per activated weight forward, 3x with backward).
 
 Instruction-set levels: each level runs in its own process, `native` as the machine is and `avx2`
@@ -201,25 +204,27 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def time_rounds(tasks: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Run every task once per round, the order rotating each round; seconds per task after warm-up."""
+def time_rounds(tasks: dict[str, Callable[[], float | None]], reps: int,
+                warmup: int) -> dict[str, list[float]]:
+    """Run every task once per round, the order rotating each round; seconds per task after warm-up
+    (a task that returns a number has timed its own part: that number is its time)."""
     names = list(tasks)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in tqdm(range(warmup + reps), desc="rounds", unit="round"):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             start = time.perf_counter()
-            tasks[name]()
-            elapsed = time.perf_counter() - start
+            own = tasks[name]()
+            elapsed = time.perf_counter() - start if own is None else own
             if r >= warmup:
                 times[name].append(elapsed)
     return times
 
 
 def cpu_tasks(layers: dict[str, torch.nn.Module], x: torch.Tensor, proj: torch.Tensor,
-              dense_w: torch.Tensor) -> dict[str, Callable[[], None]]:
+              dense_w: torch.Tensor) -> dict[str, Callable[[], float | None]]:
     """(name, mode) -> a closure running it once; plus the dense reference and the balancing update."""
-    tasks: dict[str, Callable[[], None]] = {}
+    tasks: dict[str, Callable[[], float | None]] = {}
     xg = x.detach().clone().requires_grad_()
     for name, layer in layers.items():
         params = list(layer.parameters())
@@ -239,7 +244,7 @@ def cpu_tasks(layers: dict[str, torch.nn.Module], x: torch.Tensor, proj: torch.T
     bound = gemm_bound_tasks(layers[DEFAULT_PATH], x)
     if bound is not None:
         tasks[f"{BOUND}|forward"], tasks[f"{BOUND}|forward_backward"] = bound
-    tasks["balancing|update"] = _balancing_step(layers[DEFAULT_PATH], x)
+    tasks["balancing|update"] = _balancing_step(layers[DEFAULT_PATH], x, proj)
     return tasks
 
 
@@ -285,17 +290,24 @@ def _no_grad(fn: Callable, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _balancing_step(layer: DeepSeekMoE, x: torch.Tensor) -> Callable[[], None]:
-    """One training step's loss-free work: accumulate this batch's loads, then update the bias."""
+def _balancing_step(layer: DeepSeekMoE, x: torch.Tensor, proj: torch.Tensor) -> Callable[[], float]:
+    """One training step's loss-free work, where a training step runs it: after the layer's
+    forward+backward (untimed), accumulate this batch's loads, then update the bias. The closure
+    returns the seconds of that update alone."""
     with torch.no_grad():
         layer(x)
     indices_TK = layer.last_routing.indices
     bias = layer.gate.correction_bias.clone()
+    xg, params = x.detach().clone().requires_grad_(), list(layer.parameters())
 
-    def run() -> None:
+    def run() -> float:
+        forward_backward(layer, xg, proj, params)
+        start = time.perf_counter()
         layer.gate.accumulate_load(indices_TK)
         update_bias(layer)
+        elapsed = time.perf_counter() - start
         layer.gate.correction_bias.copy_(bias)  # keep the benchmarked routing fixed
+        return elapsed
     return run
 
 
