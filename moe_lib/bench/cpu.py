@@ -244,7 +244,7 @@ def cpu_tasks(layers: dict[str, torch.nn.Module], x: torch.Tensor, proj: torch.T
     bound = gemm_bound_tasks(layers[DEFAULT_PATH], x)
     if bound is not None:
         tasks[f"{BOUND}|forward"], tasks[f"{BOUND}|forward_backward"] = bound
-    tasks["balancing|update"] = _balancing_step(layers[DEFAULT_PATH], x, proj)
+    tasks["balancing|update"] = _balancing_step(layers[DEFAULT_PATH], x, xg, proj)
     return tasks
 
 
@@ -290,15 +290,16 @@ def _no_grad(fn: Callable, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _balancing_step(layer: DeepSeekMoE, x: torch.Tensor, proj: torch.Tensor) -> Callable[[], float]:
+def _balancing_step(layer: DeepSeekMoE, x: torch.Tensor, xg: torch.Tensor,
+                    proj: torch.Tensor) -> Callable[[], float]:
     """One training step's loss-free work, where a training step runs it: after the layer's
-    forward+backward (untimed), accumulate this batch's loads, then update the bias. The closure
-    returns the seconds of that update alone."""
+    forward+backward on xg (untimed), accumulate this batch's loads, then update the bias. The
+    closure returns the seconds of that update alone."""
     with torch.no_grad():
         layer(x)
     indices_TK = layer.last_routing.indices
     bias = layer.gate.correction_bias.clone()
-    xg, params = x.detach().clone().requires_grad_(), list(layer.parameters())
+    params = list(layer.parameters())
 
     def run() -> float:
         forward_backward(layer, xg, proj, params)

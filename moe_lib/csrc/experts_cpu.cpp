@@ -497,6 +497,19 @@ at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& position, int6
   return y;
 }
 
+// A set of experts: row n reads x[token[n]] (x's rows in place without token), scaled by w[n] (1
+// without weight); its blocks checked against E experts, n_rows rows and n_slots slots (unchecked
+// when 0).
+Set expert_set(const std::optional<at::Tensor>& token, const std::optional<at::Tensor>& weight,
+               const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& blocks, int64_t n_rows,
+               int64_t n_slots) {
+  Set set{gate_up.data_ptr<float>(), down.data_ptr<float>(), down.size(2), token ? token->data_ptr<int64_t>() : nullptr,
+          weight ? weight->data_ptr<float>() : nullptr, read_blocks(blocks), 1};
+  check_blocks(set.blocks, gate_up.size(0), n_rows, n_slots);
+  set.most = max_rows(set.blocks);
+  return set;
+}
+
 // The shared expert's weights and blocks, checked against x [T, H]: gate_up [1, 2I_s, H], down
 // [1, H, I_s], blocks over the T rows of x (expert 0). It runs in the routed experts' call only when
 // their rows are summed per token (`position`), its rows added to each token's sum.
@@ -511,10 +524,7 @@ Set shared_set(const at::Tensor& x, const std::optional<at::Tensor>& position, c
   }
   TORCH_CHECK(gate_up->size(2) == x.size(1) && down->size(1) == x.size(1) && gate_up->size(1) == 2 * down->size(2),
               "shared gate_up [1, 2I, H] and down [1, H, I] do not match x [T, H]");
-  Set set{gate_up->data_ptr<float>(), down->data_ptr<float>(), down->size(2), nullptr, nullptr, read_blocks(*blocks), 1};
-  check_blocks(set.blocks, 1, x.size(0), n_slots);
-  set.most = max_rows(set.blocks);
-  return set;
+  return expert_set(std::nullopt, std::nullopt, *gate_up, *down, *blocks, x.size(0), n_slots);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_forward(
@@ -525,11 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_forward(
     const std::optional<at::Tensor>& shared_blocks) {
   check_inputs(x, token, weight, gate_up, down, n_rows);
   const int64_t H = x.size(1);
-  std::vector<Set> sets{{gate_up.data_ptr<float>(), down.data_ptr<float>(), down.size(2),
-                         token ? token->data_ptr<int64_t>() : nullptr, weight ? weight->data_ptr<float>() : nullptr,
-                         read_blocks(blocks_t), 1}};
-  check_blocks(sets[0].blocks, gate_up.size(0), n_rows, 0);
-  sets[0].most = max_rows(sets[0].blocks);
+  std::vector<Set> sets{expert_set(token, weight, gate_up, down, blocks_t, n_rows, 0)};
   const bool shared = shared_gate_up || shared_down || shared_blocks;
   if (shared) sets.push_back(shared_set(x, position, shared_gate_up, shared_down, shared_blocks, 0));
   if (position) check_positions(*position, n_rows);
@@ -553,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_forward(
     if (set.token) ensure_scratch(xs, set.most, H, x.options());
     if (!save) ensure_scratch(gu_buf[s], set.most, 2 * I, x.options());
     ensure_scratch(h[s], set.most, I, x.options());
-    const float* xr = set.token ? rows_of(x, set.token, b.start, n, xs) : x.data_ptr<float>() + b.start * H;
+    const float* xr = rows_of(x, set.token, b.start, n, xs);
     float* gu = save ? gu_all[s].data_ptr<float>() + b.start * 2 * I : gu_buf[s].data_ptr<float>();
     float* hr = h[s].data_ptr<float>();
     gemm(gu, 2 * I, n, 2 * I, H, {xr, H, 1}, {set.gate_up + b.expert * 2 * I * H, 1, H});
@@ -613,11 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "grad must be a contiguous float32 tensor shaped like x");
   const int64_t H = x.size(1);
   need_w = need_w && weight.has_value();
-  std::vector<Set> sets{{gate_up.data_ptr<float>(), down.data_ptr<float>(), down.size(2),
-                         token ? token->data_ptr<int64_t>() : nullptr, weight ? weight->data_ptr<float>() : nullptr,
-                         read_blocks(blocks_t), 1}};
-  check_blocks(sets[0].blocks, gate_up.size(0), n_rows, n_slots);
-  sets[0].most = max_rows(sets[0].blocks);
+  std::vector<Set> sets{expert_set(token, weight, gate_up, down, blocks_t, n_rows, n_slots)};
   const bool shared = shared_gate_up || shared_down || shared_gu || shared_blocks;
   if (shared) {
     TORCH_CHECK(shared_gu, "the shared expert's backward needs its saved gate/up product shared_gu");
@@ -654,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     ensure_scratch(dh[s], set.most, I, opts);
     ensure_scratch(dgu[s], set.most, 2 * I, opts);
     ensure_scratch(wa[s], set.most, I, opts);
-    const float* dy = set.token ? rows_of(grad, set.token, b.start, n, dys) : grad.data_ptr<float>() + b.start * H;
+    const float* dy = rows_of(grad, set.token, b.start, n, dys);
     float *dhr = dh[s].data_ptr<float>(), *dgur = dgu[s].data_ptr<float>(), *war = wa[s].data_ptr<float>();
     const float* gate_up_e = set.gate_up + b.expert * 2 * I * H;
     const float* down_e = set.down + b.expert * H * I;
@@ -668,7 +670,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       gemm(grad_x[s].data_ptr<float>() + b.start * H, H, n, H, 2 * I, {dgur, 2 * I, 1}, {gate_up_e, H, 1});
     }
     if (need_gu[s]) {  // d gate_up_e = [dg, du]^T x
-      const float* xr = set.token ? rows_of(x, set.token, b.start, n, xs) : x.data_ptr<float>() + b.start * H;
+      const float* xr = rows_of(x, set.token, b.start, n, xs);
       gemm(grad_gate_up[s].data_ptr<float>() + b.slot * 2 * I * H, H, 2 * I, H, n, {dgur, 1, 2 * I}, {xr, H, 1});
     }
   });
