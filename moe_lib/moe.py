@@ -89,9 +89,10 @@ class DeepSeekMoE(nn.Module):
     @torch.no_grad()
     def _record(self, routing: Routing, indices_TK: torch.Tensor) -> None:
         load_E = torch.bincount(routing.indices.reshape(-1), minlength=self.cfg.n_routed)
+        # only a capacity drops pairs (-1): without one, no count (and no host sync on a GPU)
+        n_dropped = 0 if self.cfg.capacity_factor is None else int((indices_TK < 0).sum())
         self.last_routing = RoutingStats(indices_TK, routing.weights.detach(),
-                                         routing.scores.detach(), load_E,
-                                         int((indices_TK < 0).sum()))
+                                         routing.scores.detach(), load_E, n_dropped)
 
     def _balance(self, routing: Routing, shape: torch.Size, y_TH: torch.Tensor) -> torch.Tensor:
         """Training-time balancing: accumulate loads (loss-free) and the auxiliary loss."""
