@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tqdm import tqdm
+
 ROOT = Path(__file__).resolve().parent.parent
 CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
@@ -64,7 +66,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def reps_for(tokens: int, d_model: int, d_expert: int) -> int:
-    """About two seconds of forward+backward per process at this machine's speed."""
+    """Repetitions per process: about 1.5 s of forward plus forward+backward at the reference shape
+    on the 2-core Xeon of benchmarks/cpu.json, as many for a smaller shape (at most 41)."""
     work = tokens * d_model * d_expert / (4096 * 256 * 128)
     return max(5, min(41, round(15 / work)))
 
@@ -106,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         trees = {"new": (ROOT, work / "ext_new"), "old": (old, work / "ext_old")}
         for shape in args.shapes:
             times: dict[str, list[tuple[float, float]]] = {"new": [], "old": []}
-            for _ in range(args.rounds):
-                for side, (tree, ext_dir) in trees.items():
-                    times[side].append(run_side(tree, ext_dir, shape, args.threads, args.capped))
+            steps = [side for _ in range(args.rounds) for side in trees]
+            for side in tqdm(steps, desc="x".join(map(str, shape)), unit="process", leave=False):
+                tree, ext_dir = trees[side]
+                times[side].append(run_side(tree, ext_dir, shape, args.threads, args.capped))
             med = {side: [statistics.median(t[i] for t in runs) for i in (0, 1)]
                    for side, runs in times.items()}
             cells = [f"{mode} old {med['old'][i]:8.2f} new {med['new'][i]:8.2f}"
