@@ -22,10 +22,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+from moe_lib.bench.cpu import LEVELS
 
-# the timing child: run in each tree with that tree's moe_lib on the path
+ROOT = Path(__file__).resolve().parent.parent
+
+# the timing child: run in each tree with that tree's moe_lib on the path. It builds the layer itself
+# (as bench cpu's build_layers builds its moe_lib layers) and uses only what old trees have too.
 CHILD = r"""
 import statistics, sys, time, torch
 from moe_lib.config import MoEConfig
@@ -66,8 +68,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def reps_for(tokens: int, d_model: int, d_expert: int) -> int:
-    """Repetitions per process: about 1.5 s of forward plus forward+backward at the reference shape
-    on the 2-core Xeon of benchmarks/cpu.json, as many for a smaller shape (at most 41)."""
+    """Repetitions per process: 15 at the reference shape (about 1.5 s of forward plus
+    forward+backward on the 2-core Xeon of benchmarks/cpu.json), more for less work (at most 41),
+    fewer for more (at least 5)."""
     work = tokens * d_model * d_expert / (4096 * 256 * 128)
     return max(5, min(41, round(15 / work)))
 
@@ -76,7 +79,7 @@ def run_side(tree: Path, ext_dir: Path, shape: tuple[int, int, int], threads: in
              capped: bool) -> tuple[float, float]:
     env = dict(os.environ, PYTHONPATH=str(tree), TORCH_EXTENSIONS_DIR=str(ext_dir))
     if capped:
-        env.update(CAPS)
+        env.update(LEVELS["avx2"])
     args = [sys.executable, "-c", CHILD, *map(str, shape), str(reps_for(*shape)), str(threads)]
     done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
